@@ -1,0 +1,344 @@
+"""The SMTP wire core, shared by server and client: replies, command parsing, DATA framing.
+
+Sans-IO (h11 style): `ServerSession.receive_data(bytes)` buffers what the peer sent and
+`next_event()` hands back one `Command`, `BadLine`, `DataChunk` or `DataEnd` at a time, or
+`NEED_DATA`. It never touches a transport, so the server can stop pulling events while a
+command is pending and pipelining can never run two commands at once.
+
+Invariants:
+- Only CRLF "." CRLF ends DATA (RFC 5321 §4.1.1.4). A bare LF or bare CR never ends it;
+  a message containing one is refused at the final dot (no SMTP smuggling, CVE-2023-51764).
+- DATA is scanned and dot-unstuffed with bytes operations on whole buffers, never per line.
+- Every error inside DATA (too big, too long a line, NUL, bare CR/LF) is remembered and
+  answered once at the final dot (RFC 5321 §4.2.5), so the stream never desynchronises.
+- Buffers are capped: a command line may hold 512 octets (RFC 5321 §4.5.3.1.4); longer
+  lines are skipped to their end and answered with one error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = [
+    "Reply",
+    "Command",
+    "BadLine",
+    "DataChunk",
+    "DataEnd",
+    "NEED_DATA",
+    "ServerSession",
+    "parse_mail_args",
+    "parse_rcpt_args",
+    "dot_stuff",
+    "MAX_COMMAND_LINE",
+    "MAX_TEXT_LINE",
+]
+
+MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF
+MAX_TEXT_LINE = 1000  # RFC 5321 §4.5.3.1.6, including CRLF
+# A line longer than this many octets without LF (CR counts) is over MAX_TEXT_LINE.
+_LONG_RUN = re.compile(rb"[^\n]{%d}" % (MAX_TEXT_LINE,))
+_END = b"\r\n.\r\n"
+
+
+class Reply(Exception):
+    """One SMTP reply: raise it from a handler, the dispatcher writes it.
+
+    `text` may hold several lines separated by newlines: they become a multi-line reply.
+    """
+
+    def __init__(self, code: int, enhanced: str | None, text: str) -> None:
+        super().__init__(code, enhanced, text)
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    def to_bytes(self) -> bytes:
+        lines = self.text.split("\n") or [""]
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"Reply({self.code}, {self.enhanced!r}, {self.text!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    verb: str  # upper case
+    arg: str  # the rest of the line after one space, as sent
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A command line that cannot be a command; `reply` says why."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    data: bytes  # dot-unstuffed message bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataEnd:
+    """The final dot arrived; `error` is the reply to give instead of accepting, if any."""
+
+    error: Reply | None
+    size: int
+
+
+class _Need(Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = _Need.NEED_DATA
+
+Event = Command | BadLine | DataChunk | DataEnd | _Need
+
+
+@dataclass(slots=True)
+class _DataState:
+    max_size: int
+    size: int = 0
+    error: Reply | None = None
+    at_start: bool = True  # the next byte begins the first line (a "." there is stuffing)
+    run: int = 0  # length of the current line so far (bytes since the last LF)
+    complete: bool = False  # the end marker has been consumed
+
+
+def _tail_keep(buf: bytes) -> int:
+    """How many bytes at the end of `buf` could begin the end marker or a CRLF pair."""
+    for n in (4, 3, 2, 1):
+        if len(buf) >= n and _END.startswith(buf[-n:]):
+            return n
+    return 0
+
+
+@dataclass(slots=True)
+class ServerSession:
+    """Server-side framing of one SMTP connection: command lines, then DATA, and back."""
+
+    _buf: bytearray = field(default_factory=bytearray)
+    _skipping_long_line: bool = False
+    _data: _DataState | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def discard_buffer(self) -> None:
+        """Forget everything received so far (RFC 3207 §4.2: nothing sent before TLS counts)."""
+        self._buf.clear()
+        self._skipping_long_line = False
+
+    def start_data(self, max_size: int) -> None:
+        """Switch to DATA mode after the server has answered 354."""
+        self._data = _DataState(max_size=max_size)
+
+    @property
+    def in_data(self) -> bool:
+        return self._data is not None
+
+    def next_event(self) -> Event:
+        if self._data is not None:
+            return self._next_data_event(self._data)
+        return self._next_command_event()
+
+    # -- command lines --------------------------------------------------------------
+
+    def _next_command_event(self) -> Event:
+        buf = self._buf
+        lf = buf.find(b"\n")
+        if self._skipping_long_line:
+            if lf < 0:
+                buf.clear()
+                return NEED_DATA
+            del buf[: lf + 1]
+            self._skipping_long_line = False
+            return BadLine(Reply(500, "5.5.6", "Line too long (RFC 5321 §4.5.3.1.4)"))
+        if lf < 0:
+            if len(buf) > MAX_COMMAND_LINE:
+                buf.clear()
+                self._skipping_long_line = True
+            return NEED_DATA
+        line = bytes(buf[: lf + 1])
+        del buf[: lf + 1]
+        if len(line) > MAX_COMMAND_LINE:
+            return BadLine(Reply(500, "5.5.6", "Line too long (RFC 5321 §4.5.3.1.4)"))
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            # RFC 5321 §2.3.8: CR and LF only ever appear together as CRLF.
+            return BadLine(Reply(500, "5.5.2", "Lines must end with CRLF"))
+        return parse_command(line[:-2])
+
+    # -- DATA -----------------------------------------------------------------------
+
+    def _next_data_event(self, st: _DataState) -> Event:
+        if st.complete:
+            return self._finish(st)
+        buf = self._buf
+        if not buf:
+            return NEED_DATA
+        if st.at_start and buf[:1] == b".":
+            if len(buf) < 3:
+                return NEED_DATA  # "." or ".\r" may still become the end marker
+            if buf[:3] == b".\r\n":
+                del buf[:3]
+                return self._finish(st)
+        end = buf.find(_END)
+        if end >= 0:
+            chunk = bytes(buf[: end + 2])
+            del buf[: end + 5]
+            st.complete = True  # the next call returns DataEnd
+            return self._feed(st, chunk)
+        keep = _tail_keep(buf)
+        if keep == len(buf):
+            return NEED_DATA
+        chunk = bytes(buf[: len(buf) - keep])
+        del buf[: len(buf) - keep]
+        return self._feed(st, chunk)
+
+    def _feed(self, st: _DataState, chunk: bytes) -> Event:
+        # RFC 5321 §4.5.2: a leading "." on a line is transparency stuffing.
+        if st.at_start:
+            st.at_start = False
+            if chunk[:1] == b".":
+                chunk = chunk[1:]
+        chunk = chunk.replace(b"\r\n.", b"\r\n")
+        if st.error is None:
+            st.error = _check_chunk(st, chunk)
+        else:
+            _update_run(st, chunk)
+        st.size += len(chunk)
+        if st.error is None and st.size > st.max_size:
+            st.error = Reply(552, "5.3.4", f"Message exceeds the size limit of {st.max_size} bytes")
+        if st.error is not None:
+            return DataChunk(b"")
+        return DataChunk(chunk)
+
+    def _finish(self, st: _DataState) -> DataEnd:
+        self._data = None
+        return DataEnd(st.error, st.size)
+
+
+def _update_run(st: _DataState, chunk: bytes) -> None:
+    lf = chunk.rfind(b"\n")
+    st.run = st.run + len(chunk) if lf < 0 else len(chunk) - lf - 1
+
+
+def _check_chunk(st: _DataState, chunk: bytes) -> Reply | None:
+    """Content checks on one dot-unstuffed chunk, all in C-level bytes operations."""
+    if b"\x00" in chunk:
+        return Reply(554, "5.6.0", "Message contains NUL bytes")
+    crlf = chunk.count(b"\r\n")
+    if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
+        return Reply(
+            554, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)"
+        )
+    first_lf = chunk.find(b"\n")
+    lead = len(chunk) if first_lf < 0 else first_lf
+    too_long = st.run + lead >= MAX_TEXT_LINE or _LONG_RUN.search(chunk) is not None
+    _update_run(st, chunk)
+    if too_long:
+        return Reply(554, "5.6.0", "Message has a line longer than 1000 bytes (RFC 5321 §4.5.3.1.6)")
+    return None
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def parse_command(line: bytes) -> Command | BadLine:
+    """One command line without its CRLF into a `Command`, or the reply refusing it."""
+    if b"\x00" in line:
+        return BadLine(Reply(500, "5.5.2", "NUL byte in command"))
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadLine(Reply(500, "5.5.2", "Command is not valid UTF-8"))
+    verb, _sp, arg = text.partition(" ")
+    if not verb.isascii() or not verb.isalpha():
+        return BadLine(Reply(500, "5.5.2", "Syntax error, command unrecognized"))
+    return Command(verb.upper(), arg)
+
+
+@dataclass(frozen=True, slots=True)
+class MailArgs:
+    path: str  # "<...>" as sent
+    size: int | None = None
+    body: str | None = None  # "7BIT" or "8BITMIME"
+    smtputf8: bool = False
+
+
+def _split_path(arg: str, keyword: str) -> tuple[str, list[str]]:
+    # "FROM:<path> PARAM=X ..."; tolerate one space after the colon (common client quirk).
+    if arg[: len(keyword)].upper() != keyword:
+        raise Reply(501, "5.5.4", f"Syntax: {keyword}<address>")
+    rest = arg[len(keyword) :].lstrip(" ")
+    if not rest.startswith("<"):
+        raise Reply(501, "5.1.7" if keyword == "FROM:" else "5.1.3", "Address must be in <>")
+    close = rest.find(">")
+    # A quoted local part may contain ">": find the ">" after any closing quote.
+    if '"' in rest[:close]:
+        q2 = rest.find('"', rest.find('"') + 1)
+        while q2 > 0 and rest[q2 - 1] == "\\":
+            q2 = rest.find('"', q2 + 1)
+        close = rest.find(">", q2) if q2 > 0 else -1
+    if close < 0:
+        raise Reply(501, "5.5.4", "Unterminated address")
+    path, params = rest[: close + 1], rest[close + 1 :]
+    if params and not params.startswith(" "):
+        raise Reply(501, "5.5.4", "Syntax error after address")
+    return path, params.split()
+
+
+def parse_mail_args(arg: str) -> MailArgs:
+    """`MAIL FROM:<path> [SIZE=n] [BODY=8BITMIME] [SMTPUTF8]` (RFC 5321 §4.1.1.2, 1870, 6152, 6531)."""
+    path, params = _split_path(arg, "FROM:")
+    size: int | None = None
+    body: str | None = None
+    smtputf8 = False
+    for param in params:
+        key, eq, value = param.partition("=")
+        key = key.upper()
+        if key == "SIZE" and eq and value.isdigit() and len(value) <= 20:
+            size = int(value)
+        elif key == "BODY" and eq and value.upper() in ("7BIT", "8BITMIME"):
+            body = value.upper()
+        elif key == "SMTPUTF8" and not eq:
+            smtputf8 = True
+        else:
+            raise Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
+    return MailArgs(path, size, body, smtputf8)
+
+
+def parse_rcpt_args(arg: str) -> str:
+    """`RCPT TO:<path>`; no RCPT parameters are supported (RFC 5321 §4.1.1.3)."""
+    path, params = _split_path(arg, "TO:")
+    if params:
+        raise Reply(555, "5.5.4", f"Unsupported RCPT parameter {params[0].partition('=')[0]}")
+    return path
+
+
+def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
+    """Transparency for sending (RFC 5321 §4.5.2), on a whole buffer at once.
+
+    `at_line_start` says whether `data` begins a line; callers streaming chunks pass
+    whether the previous chunk ended with CRLF, so a "." at a chunk boundary is stuffed.
+    """
+    out = data.replace(b"\r\n.", b"\r\n..")
+    if at_line_start and out[:1] == b".":
+        out = b"." + out
+    return out

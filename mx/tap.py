@@ -1,0 +1,116 @@
+"""twistd entry point: `twistd -n mx [--config PATH]` builds the whole server from the config.
+
+This is the only module that touches the global reactor; everything else gets its reactor,
+clock and thread pool passed in.
+
+Invariants:
+- A config error stops start-up with one line naming the key (SystemExit), no traceback.
+- Shutdown order: stop listening, let in-flight commits finish (others get 421), then stop
+  the disk thread pool, so nothing acknowledged is interrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from mx import config as configmod
+from mx.config import Config
+from mx.delivery import Delivery
+from mx.routing import Router
+from mx.smtpserver import SMTPServerFactory
+from mx.users import UserDB
+
+__all__ = ["Options", "makeService", "MailService", "build"]
+
+log = Logger()
+
+DISK_THREADS = 8
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", None, "Path to mx.toml (default: ./etc/mx.toml if present, else built-in defaults)"]]
+
+
+class MailService(service.MultiService):
+    """The whole server: listeners, their factories, and the disk thread pool."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="mx-disk")
+        self.users = UserDB(config.auth.users_file)
+        self.router = Router(config, self.users.exists)
+        self.delivery = Delivery(config, reactor, self.pool)
+        self.factories: list[SMTPServerFactory] = []
+        self.listeners: list[StreamServerEndpointService] = []
+        listen = config.listen
+        if listen.smtp:
+            self._listen("smtp", listen.smtp)
+
+    def _listen(self, kind: str, description: str) -> SMTPServerFactory:
+        factory = SMTPServerFactory(
+            config=self.config, router=self.router, delivery=self.delivery, clock=self.reactor, kind=kind
+        )
+        endpoint = endpoints.serverFromString(self.reactor, description)
+        svc = StreamServerEndpointService(endpoint, factory)
+        svc._raiseSynchronously = True  # a port that cannot be bound stops start-up
+        svc.setName(kind)
+        svc.setServiceParent(self)
+        self.factories.append(factory)
+        self.listeners.append(svc)
+        return factory
+
+    def startService(self) -> None:
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.pool.start()
+        super().startService()
+        log.info(
+            "mx started: hostname={hostname} data_dir={data_dir} local_domains={domains} listening={listening}",
+            hostname=self.config.hostname,
+            data_dir=str(self.config.data_dir),
+            domains=list(self.config.local_domains),
+            listening={s.name: d for s, d in zip(self.listeners, self._descriptions())},
+        )
+
+    def _descriptions(self) -> list[str]:
+        listen = self.config.listen
+        return [getattr(listen, s.name) for s in self.listeners]
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[override]
+        # 1. stop accepting new connections
+        yield defer.DeferredList([defer.maybeDeferred(s.stopService) for s in self.listeners])
+        # 2. drain: in-flight commits finish, idle connections get 421
+        yield defer.DeferredList([f.shutdown() for f in self.factories])
+        service.Service.stopService(self)
+        # 3. the disk pool last (joins its threads; nothing is pending any more)
+        self.pool.stop()
+        log.info("mx stopped")
+
+
+def load_config(path: str | None) -> Config:
+    try:
+        return configmod.load(Path(path) if path else configmod.default_path())
+    except configmod.ConfigError as e:
+        raise SystemExit(f"mx: {e}") from None
+
+
+def build(config: Config, reactor: Any = None) -> MailService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return MailService(config, reactor)
+
+
+def makeService(options: Options) -> MailService:
+    return build(load_config(options["config"]))

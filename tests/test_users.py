@@ -1,0 +1,167 @@
+"""Tests for mx.users: hashing, the users file, address rules and live reload."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mx.users import (
+    SCHEME,
+    UserDB,
+    UsersError,
+    hash_password,
+    normalise_user,
+    read_users,
+    verify_password,
+    write_users,
+)
+
+LOCAL = ("localhost", "example.test")
+
+
+class PasswordTests(SynchronousTestCase):
+    def test_hash_and_verify(self) -> None:
+        stored = hash_password("correct horse")
+        self.assertTrue(stored.startswith(SCHEME + "$argon2id$v=19$"))
+        self.assertTrue(verify_password(stored, "correct horse"))
+        self.assertFalse(verify_password(stored, "correct horsE"))
+        self.assertFalse(verify_password(stored, ""))
+        self.assertNotEqual(hash_password("correct horse"), stored)  # salted
+
+    def test_non_ascii_password(self) -> None:
+        stored = hash_password("pässwörd ☃")
+        self.assertTrue(verify_password(stored, "pässwörd ☃"))
+        self.assertFalse(verify_password(stored, "passwort"))
+
+    def test_scheme_is_case_insensitive(self) -> None:
+        stored = hash_password("pw")
+        self.assertTrue(verify_password("{argon2id}" + stored[len(SCHEME):], "pw"))
+
+    def test_bad_input_is_a_mismatch_not_an_error(self) -> None:
+        encoded = hash_password("pw")[len(SCHEME):]
+        for stored in ["", "pw", "{PLAIN}pw", "{SHA512-CRYPT}$6$x$y", encoded,
+                       SCHEME, SCHEME + "$argon2id$garbage", SCHEME + "$argon2i$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA",
+                       None, 5]:
+            self.assertFalse(verify_password(stored, "pw"), repr(stored))  # type: ignore[arg-type]
+        self.assertFalse(verify_password(SCHEME + encoded, None))  # type: ignore[arg-type]
+
+
+class FileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp())
+        self.folder.mkdir()
+        self.path = self.folder / "users"
+
+    def test_missing_file_has_no_users(self) -> None:
+        self.assertEqual(read_users(self.path), {})
+
+    def test_write_then_read(self) -> None:
+        users = {"bob@localhost": SCHEME + "$argon2id$b", "alice@localhost": SCHEME + "$argon2id$a"}
+        write_users(self.path, users)
+        self.assertEqual(read_users(self.path), users)
+        entries = [line for line in self.path.read_text().splitlines() if not line.startswith("#")]
+        self.assertEqual(entries, ["alice@localhost:{ARGON2ID}$argon2id$a",
+                                   "bob@localhost:{ARGON2ID}$argon2id$b"])
+
+    def test_write_is_0600_and_leaves_no_temp_files(self) -> None:
+        self.path.write_text("")
+        os.chmod(self.path, 0o644)
+        write_users(self.path, {"alice@localhost": SCHEME + "x"})
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(sorted(p.name for p in self.folder.iterdir()), ["users"])
+
+    def test_write_replaces_the_file(self) -> None:
+        write_users(self.path, {"alice@localhost": SCHEME + "x"})
+        before = os.stat(self.path).st_ino
+        write_users(self.path, {})
+        self.assertNotEqual(os.stat(self.path).st_ino, before)  # renamed into place, not rewritten
+        self.assertEqual(read_users(self.path), {})
+
+    def test_write_refuses_entries_that_would_break_the_format(self) -> None:
+        for users in [{"a:b@localhost": "x"}, {"a@localhost": "x\nevil@localhost:y"}, {"a@localhost": ""}]:
+            self.assertRaises(UsersError, write_users, self.path, users)
+        self.assertFalse(self.path.exists())
+
+    def test_read_skips_comments_and_dovecot_fields(self) -> None:
+        self.path.write_text(
+            "# comment\n\n  Alice@LOCALHOST:{ARGON2ID}$a:1000:1000::/home/alice::\n"
+            "bob@localhost:{ARGON2ID}$b\nbob@localhost:{ARGON2ID}$second\n")
+        self.assertEqual(read_users(self.path), {"alice@localhost": "{ARGON2ID}$a",
+                                                 "bob@localhost": "{ARGON2ID}$b"})
+
+    def test_read_malformed_line_names_it(self) -> None:
+        for text in ["alice@localhost\n", "# ok\nnot an address:{ARGON2ID}$x\n", "alice@localhost:\n"]:
+            self.path.write_text(text)
+            with self.assertRaises(UsersError) as caught:
+                read_users(self.path)
+            self.assertIn(f"{self.path}: line ", str(caught.exception))
+
+
+class NormaliseTests(SynchronousTestCase):
+    def test_valid(self) -> None:
+        for text, expected in [("alice@localhost", "alice@localhost"),
+                               ("Alice@LocalHost", "alice@localhost"),
+                               ("a.b-c_d@example.test", "a.b-c_d@example.test"),
+                               ("jörg@example.test", "jörg@example.test")]:
+            self.assertEqual(normalise_user(text, LOCAL), expected)
+
+    def test_rejected(self) -> None:
+        for text in ["", "alice", "@localhost", "alice@", "alice@remote.example",
+                     "../x@localhost", "a/b@localhost", ".x@localhost", "x.@localhost",
+                     "a\\b@localhost", '"a b"@localhost', '".."@localhost', "#x@localhost",
+                     "alice+tag@localhost", "a:b@localhost", "a\nb@localhost",
+                     "alice@[127.0.0.1]", "a" * 65 + "@localhost"]:
+            self.assertRaises(UsersError, normalise_user, text, LOCAL)
+
+
+class UserDBTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        self.path = folder / "users"
+        self.now = 1000.0
+        self.db = UserDB(self.path, clock=lambda: self.now)
+
+    def test_missing_file_then_created(self) -> None:
+        self.assertEqual(self.db.users(), frozenset())
+        self.assertIsNone(self.db.lookup("alice@localhost"))
+        write_users(self.path, {"alice@localhost": "{ARGON2ID}$a"})
+        # Within a second the old answer stands: one stat per second at most.
+        self.now += 0.5
+        self.assertFalse(self.db.exists("alice@localhost"))
+        self.now += 0.6
+        self.assertTrue(self.db.exists("alice@localhost"))
+        self.assertEqual(self.db.lookup("alice@localhost"), "{ARGON2ID}$a")
+        self.assertEqual(self.db.users(), frozenset({"alice@localhost"}))
+
+    def test_reload_after_change_and_delete(self) -> None:
+        write_users(self.path, {"alice@localhost": "{ARGON2ID}$a"})
+        self.now += 2
+        self.assertTrue(self.db.exists("alice@localhost"))
+        write_users(self.path, {"alice@localhost": "{ARGON2ID}$new", "bob@localhost": "{ARGON2ID}$b"})
+        self.now += 2
+        self.assertEqual(self.db.lookup("alice@localhost"), "{ARGON2ID}$new")
+        self.assertTrue(self.db.exists("bob@localhost"))
+        self.path.unlink()
+        self.now += 2
+        self.assertEqual(self.db.users(), frozenset())
+
+    def test_broken_file_keeps_previous_users(self) -> None:
+        write_users(self.path, {"alice@localhost": "{ARGON2ID}$a"})
+        self.now += 2
+        self.assertTrue(self.db.exists("alice@localhost"))
+        self.path.write_text("garbage line\n")
+        self.now += 2
+        self.assertTrue(self.db.exists("alice@localhost"))
+        self.assertIn("line 1", self.db.error or "")
+        write_users(self.path, {"bob@localhost": "{ARGON2ID}$b"})
+        self.now += 2
+        self.assertEqual(self.db.users(), frozenset({"bob@localhost"}))
+        self.assertIsNone(self.db.error)
+
+    def test_broken_file_at_start_is_an_error(self) -> None:
+        self.path.write_text("garbage line\n")
+        self.assertRaises(UsersError, UserDB, self.path)
