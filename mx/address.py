@@ -32,6 +32,7 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
 _DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
 # RFC 5321 Quoted-string: qtextSMTP or a backslash pair of printable ASCII.
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 
@@ -105,7 +106,7 @@ def parse_address(text: str) -> Address:
     """Parse `local@domain` (no angle brackets) into an `Address`."""
     if not text or len(text) > MAX_PATH:
         raise AddressError("address empty or too long")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _CONTROL.search(text):
         raise AddressError("control character in address")
     at = text.rfind("@")
     if at <= 0:

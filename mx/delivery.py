@@ -178,6 +178,13 @@ class Delivery:
         self._mail_root = config.data_dir / "mail"
         self._committer = GroupCommitter(reactor, pool)
         self.spill_dir = config.data_dir / "tmp"
+        self._paths: dict[LocalRecipient, Path] = {}
+
+    def _mailbox_path(self, dest: LocalRecipient) -> Path:
+        path = self._paths.get(dest)
+        if path is None:
+            path = self._paths[dest] = maildir.mailbox_path(self._mail_root, dest.domain, dest.local)
+        return path
 
     def new_message(self) -> IncomingMessage:
         return IncomingMessage(self.spill_dir)
@@ -186,8 +193,12 @@ class Delivery:
         """Whether remote recipients can be taken (the relay queue exists)."""
         return False
 
-    async def commit(self, env: Envelope, message: IncomingMessage) -> list[Path]:
-        """Store the message for every recipient; returns when all copies are durable."""
+    def commit(self, env: Envelope, message: IncomingMessage) -> Deferred[list[Path]]:
+        """Store the message for every recipient; fires when all copies are durable.
+
+        A plain Deferred chain rather than a coroutine: this runs once per message on the
+        reactor thread, and the coroutine machinery costs more than the work here.
+        """
         message.finish()
         body = message.in_memory()
         now = time.time()
@@ -202,21 +213,31 @@ class Delivery:
                 seen.add(dest)
                 copies.append(
                     maildir.Delivery(
-                        maildir=maildir.mailbox_path(self._mail_root, dest.domain, dest.local),
+                        maildir=self._mailbox_path(dest),
                         header=trace_headers(self._config, env, rcpt, now),
                         body=body,
                         body_file=message.path,
                     )
                 )
-        try:
-            files = await self._committer.submit(copies)
-        finally:
+        size = message.size
+
+        def stored(files: list[Path]) -> list[Path]:
             message.discard()
-        for f in files:
+            # One event per message: for local mail, accepting and delivering are one act.
             log.info(
-                "delivered {msgid} to {mailbox}",
+                "accepted {msgid} size={size} delivered to {mailboxes}",
                 msgid=env.msgid,
-                mailbox=f"{f.parent.parent.parent.name}/{f.parent.parent.name}",
-                path=str(f),
+                sender=str(env.sender or ""),
+                recipients=[str(r) for r, _d in env.recipients],
+                mailboxes=",".join(str(d) for d in seen),
+                size=size,
+                peer=env.peer_ip,
+                protocol=env.protocol,
             )
-        return files
+            return files
+
+        def failed(failure: Failure) -> Failure:
+            message.discard()
+            return failure
+
+        return self._committer.submit(copies).addCallbacks(stored, failed)

@@ -38,8 +38,9 @@ __all__ = [
 
 MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF
 MAX_TEXT_LINE = 1000  # RFC 5321 §4.5.3.1.6, including CRLF
-# A line longer than this many octets without LF (CR counts) is over MAX_TEXT_LINE.
-_LONG_RUN = re.compile(rb"[^\n]{%d}" % (MAX_TEXT_LINE,))
+# A line (after an LF) of MAX_TEXT_LINE octets without LF (its CR counts) is too long.
+# Anchored on the LF so the scan is linear: the engine jumps from LF to LF.
+_LONG_LINE = re.compile(rb"\n[^\n]{%d}" % (MAX_TEXT_LINE,))
 _END = b"\r\n.\r\n"
 
 
@@ -250,7 +251,7 @@ def _check_chunk(st: _DataState, chunk: bytes) -> Reply | None:
         )
     first_lf = chunk.find(b"\n")
     lead = len(chunk) if first_lf < 0 else first_lf
-    too_long = st.run + lead >= MAX_TEXT_LINE or _LONG_RUN.search(chunk) is not None
+    too_long = st.run + lead >= MAX_TEXT_LINE or _LONG_LINE.search(chunk) is not None
     _update_run(st, chunk)
     if too_long:
         return Reply(554, "5.6.0", "Message has a line longer than 1000 bytes (RFC 5321 §4.5.3.1.6)")

@@ -47,6 +47,7 @@ __all__ = ["SMTPServerFactory", "SMTPServerProtocol"]
 
 log = Logger()
 
+PAUSE_BUFFER = 64 * 1024  # stop reading while a command is pending and this much waits
 MAX_ERRORS = 20  # Postfix's smtpd_hard_error_limit: then the client is cut off
 
 
@@ -188,7 +189,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._open = True
         f.connections.add(self)
         self.setTimeout(f.config.limits.idle_timeout)
-        log.debug("connect {peer} on {service}", peer=self.peer_ip, service=f.kind)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            # Replies are small and each one is awaited: do not let Nagle hold them back.
+            self.transport.setTcpNoDelay(True)
+        log.info("connection from {peer} on {service}", peer=self.peer_ip, service=f.kind)
         self._reply(Reply(220, None, f"{f.config.hostname} ESMTP mx"))
 
     def _refuse(self, reply: Reply, why: str) -> None:
@@ -246,7 +250,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self._run(self._end_data, event)
             elif isinstance(event, BadLine):
                 self._error(event.reply)
-        if self._busy and not self._paused and self._open:
+        if self._busy and not self._paused and self._open and self.session.buffered > PAUSE_BUFFER:
+            # Pausing costs two epoll syscalls; only worth it when a client pipelines a lot.
             self._paused = True
             self.transport.pauseProducing()
 
@@ -413,18 +418,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         )
         message, self.message = self.message, None
         self._reset_transaction()
-        d = Deferred.fromCoroutine(self.factory.delivery.commit(env, message))
+        d = self.factory.delivery.commit(env, message)
         return d.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(env, end.size), errbackArgs=(env,))
 
     def _accepted(self, _files: object, env: Envelope, size: int) -> Reply:
-        log.info(
-            "accepted {msgid} from {sender} for {recipients} size={size} peer={peer}",
-            msgid=env.msgid,
-            sender=str(env.sender or ""),
-            recipients=[str(r) for r, _d in env.recipients],
-            size=size,
-            peer=self.peer_ip,
-        )
+        # Delivery.commit logged the message; here only the reply and the wake-up.
         if self.factory.wake is not None:
             self.factory.wake()
         return Reply(250, "2.0.0", f"OK id={env.msgid}")
