@@ -26,7 +26,7 @@ from mx.config import Config
 from mx.delivery import Delivery
 from mx.routing import Router
 from mx.smtpserver import SMTPServerFactory
-from mx.users import UserDB
+from mx.users import UserDB, UsersError
 
 __all__ = ["Options", "makeService", "MailService", "build"]
 
@@ -113,4 +113,8 @@ def build(config: Config, reactor: Any = None) -> MailService:
 
 
 def makeService(options: Options) -> MailService:
-    return build(load_config(options["config"]))
+    config = load_config(options["config"])
+    try:
+        return build(config)
+    except UsersError as e:
+        raise SystemExit(f"mx: {e}") from None
