@@ -1,8 +1,8 @@
 """The single door into storage: every accepted message goes through `Delivery.commit`.
 
 Local recipients get a copy in their Maildir (trace headers + the client's bytes); remote
-recipients will go into the relay spool (until the relay lands, routing refuses them at
-RCPT). `commit` fires only after everything is fsynced, and only then may the caller say 250.
+recipients share one entry in the relay queue. `commit` fires only after everything is
+fsynced, and only then may the caller say 250; then the relay is told of the new entry.
 
 Invariants:
 - Disk work runs in the disk thread pool, never on the reactor thread.
@@ -19,7 +19,7 @@ import itertools
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,11 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mx import maildir
-from mx.address import Address
+from mx.address import Address, parse_address
 from mx.config import Config
-from mx.routing import Destination, LocalRecipient, RemoteRecipient
+from mx.durable import Staged, fsync_dir, publish, unlink_quietly
+from mx.routing import Destination, LocalRecipient
+from mx.spool import QueueEntry, RecipientState, Spool
 
 __all__ = ["IncomingMessage", "Envelope", "Delivery", "GroupCommitter", "new_message_id"]
 
@@ -110,39 +112,116 @@ class Envelope:
     recipients: tuple[tuple[Address, tuple[Destination, ...]], ...]  # as given -> where it goes
     helo: str
     peer_ip: str
-    protocol: str  # "SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA" (RFC 3848)
+    protocol: str  # "SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA" (RFC 3848), "local"
     auth_user: str | None = None
+    kind: str = "message"  # "message", or "bounce"/"double-bounce" for DSNs we generate
+    eight_bit: bool = False  # BODY=8BITMIME was given
+    smtputf8: bool = False  # SMTPUTF8 was given
 
 
 def _ip_literal(ip: str) -> str:
     return f"IPv6:{ip}" if ":" in ip else ip
 
 
-def trace_headers(config: Config, env: Envelope, rcpt: Address, when: float) -> bytes:
-    """`Return-Path:` and an RFC 5321 §4.4 `Received:` header for one recipient's copy."""
-    sender = str(env.sender) if env.sender is not None else ""
+def trace_headers(
+    config: Config, env: Envelope, rcpt: Address | str | None, when: float, *, return_path: bool
+) -> bytes:
+    """An RFC 5321 §4.4 `Received:` header (and `Return-Path:` for final delivery).
+
+    `for <rcpt>` is written only for a single recipient, so a copy never shows who else
+    (a Bcc, say) received the message.
+    """
     date = email.utils.formatdate(when, localtime=True)
-    helo = "".join(c if c.isprintable() and c not in "()" else "?" for c in env.helo) or "unknown"
-    return (
-        f"Return-Path: <{sender}>\r\n"
-        f"Received: from {helo} ([{_ip_literal(env.peer_ip)}])\r\n"
-        f"\tby {config.hostname} (mx) with {env.protocol} id {env.msgid}\r\n"
-        f"\tfor <{rcpt}>; {date}\r\n"
-    ).encode("utf-8")
+    lines = []
+    if return_path:
+        lines.append(f"Return-Path: <{env.sender or ''}>\r\n")
+    if env.peer_ip:
+        helo = "".join(c if c.isprintable() and c not in "()" else "?" for c in env.helo) or "unknown"
+        lines.append(f"Received: from {helo} ([{_ip_literal(env.peer_ip)}])\r\n\tby {config.hostname}")
+    else:
+        lines.append(f"Received: by {config.hostname}")  # generated here (a DSN)
+    lines.append(f" (mx) with {env.protocol} id {env.msgid}")
+    if rcpt is not None:
+        lines.append(f"\r\n\tfor <{rcpt}>")
+    lines.append(f"; {date}\r\n")
+    return "".join(lines).encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueWrite:
+    """A new relay-queue entry with the parts of its message file."""
+
+    entry: QueueEntry
+    parts: tuple[bytes | Path, ...]
+
+
+Job = Sequence[maildir.Delivery | QueueWrite]
+
+
+def commit_batch(jobs: Sequence[Job], known: set[Path], spool: Spool | None) -> list[BaseException | list[Path]]:
+    """Store several messages at once (group commit), in a disk thread; one result per job.
+
+    Each job (all the copies of one message) succeeds as a whole (the published paths) or
+    fails as a whole (the exception; everything it wrote removed). Each file is fsynced on
+    its own; each folder once for the whole batch.
+    """
+    results: list[BaseException | list[Path]] = []
+    folders: list[set[Path]] = []
+    for job in jobs:
+        staged: list[Staged] = []
+        try:
+            for item in job:
+                if isinstance(item, maildir.Delivery):
+                    staged.append(maildir.stage_copy(item, known))
+                else:
+                    assert spool is not None, "a queue write needs the spool"
+                    staged.extend(spool.stage_new(item.entry, item.parts))
+            folders.append(publish(staged))
+        except Exception as e:  # noqa: BLE001 - one job's disk error must not fail the batch
+            _undo(job, staged, known, spool)
+            results.append(e)
+            folders.append(set())
+            continue
+        results.append([s.final for s in staged])
+    bad: dict[Path, BaseException] = {}
+    for folder in set().union(*folders):
+        try:
+            fsync_dir(folder)
+        except OSError as e:
+            bad[folder] = e
+    for i, job_folders in enumerate(folders):
+        hit = next((bad[f] for f in job_folders if f in bad), None)
+        if hit is not None:
+            done = results[i]
+            _undo(jobs[i], [Staged(p, p) for p in done] if isinstance(done, list) else [], known, spool)
+            results[i] = hit
+    return results
+
+
+def _undo(job: Job, staged: Sequence[Staged], known: set[Path], spool: Spool | None) -> None:
+    for s in staged:
+        unlink_quietly(s.tmp)
+        unlink_quietly(s.final)
+    for item in job:
+        if isinstance(item, QueueWrite) and spool is not None:
+            unlink_quietly(spool.body_path(item.entry.id))
+        elif isinstance(item, maildir.Delivery):
+            known.discard(item.maildir)
 
 
 class GroupCommitter:
-    """Runs `maildir.deliver_batch` in the disk pool, several waiting jobs per thread trip."""
+    """Runs `commit_batch` in the disk pool, all waiting jobs together per thread trip."""
 
-    def __init__(self, reactor: Any, pool: ThreadPool, max_batches: int = 4) -> None:
+    def __init__(self, reactor: Any, pool: ThreadPool, spool: Spool | None, max_batches: int = 4) -> None:
         self._reactor = reactor
         self._pool = pool
+        self._spool = spool
         self._max_batches = max_batches
         self._running = 0
-        self._pending: list[tuple[Sequence[maildir.Delivery], Deferred[list[Path]]]] = []
+        self._pending: list[tuple[Job, Deferred[list[Path]]]] = []
         self._known: set[Path] = set()
 
-    def submit(self, job: Sequence[maildir.Delivery]) -> Deferred[list[Path]]:
+    def submit(self, job: Job) -> Deferred[list[Path]]:
         d: Deferred[list[Path]] = Deferred()
         self._pending.append((job, d))
         self._kick()
@@ -154,7 +233,7 @@ class GroupCommitter:
             self._running += 1
             jobs = [job for job, _d in batch]
             waiting = [d for _job, d in batch]
-            run = deferToThreadPool(self._reactor, self._pool, maildir.deliver_batch, jobs, self._known)
+            run = deferToThreadPool(self._reactor, self._pool, commit_batch, jobs, self._known, self._spool)
             run.addBoth(self._done, waiting)
 
     def _done(self, results: list[Any] | Failure, waiting: list[Deferred[list[Path]]]) -> None:
@@ -172,11 +251,20 @@ class GroupCommitter:
 class Delivery:
     """Puts accepted messages into storage, durably, and says when it is done."""
 
-    def __init__(self, config: Config, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        pool: ThreadPool,
+        spool: Spool | None = None,
+        on_queued: Callable[[QueueEntry], None] | None = None,
+    ) -> None:
         self._config = config
         self._reactor = reactor
         self._mail_root = config.data_dir / "mail"
-        self._committer = GroupCommitter(reactor, pool)
+        self._spool = spool
+        self._on_queued = on_queued
+        self._committer = GroupCommitter(reactor, pool, spool)
         self.spill_dir = config.data_dir / "tmp"
         self._paths: dict[LocalRecipient, Path] = {}
 
@@ -191,53 +279,98 @@ class Delivery:
 
     def accepts_remote(self) -> bool:
         """Whether remote recipients can be taken (the relay queue exists)."""
-        return False
+        return self._spool is not None
 
     def commit(self, env: Envelope, message: IncomingMessage) -> Deferred[list[Path]]:
         """Store the message for every recipient; fires when all copies are durable.
 
-        A plain Deferred chain rather than a coroutine: this runs once per message on the
-        reactor thread, and the coroutine machinery costs more than the work here.
+        Local recipients get a Maildir copy each, remote ones share one queue entry. A plain
+        Deferred chain rather than a coroutine: this runs once per message on the reactor
+        thread, and the coroutine machinery costs more than the work here.
         """
         message.finish()
-        body = message.in_memory()
+        body: bytes | Path | None = message.in_memory()
+        if body is None:
+            body = message.path
         now = time.time()
-        copies: list[maildir.Delivery] = []
-        seen: set[LocalRecipient] = set()
+        job: list[maildir.Delivery | QueueWrite] = []
+        local: dict[LocalRecipient, Address] = {}
+        remote: dict[str, RecipientState] = {}
         for rcpt, destinations in env.recipients:
             for dest in destinations:
-                if isinstance(dest, RemoteRecipient):
-                    raise RuntimeError("remote recipients need the relay queue")
-                if dest in seen:
-                    continue  # one copy per mailbox, even if two RCPTs reach it
-                seen.add(dest)
-                copies.append(
-                    maildir.Delivery(
-                        maildir=self._mailbox_path(dest),
-                        header=trace_headers(self._config, env, rcpt, now),
-                        body=body,
-                        body_file=message.path,
-                    )
+                if isinstance(dest, LocalRecipient):
+                    local.setdefault(dest, rcpt)  # one copy per mailbox, even if two RCPTs reach it
+                else:
+                    address = str(dest.address)
+                    remote.setdefault(address, RecipientState(address=address, original=str(rcpt)))
+        for dest, rcpt in local.items():
+            job.append(
+                maildir.Delivery(
+                    maildir=self._mailbox_path(dest),
+                    header=trace_headers(self._config, env, rcpt, now, return_path=True),
+                    body=body if isinstance(body, bytes) else None,
+                    body_file=body if isinstance(body, Path) else None,
                 )
+            )
+        entry: QueueEntry | None = None
+        if remote:
+            if self._spool is None:
+                raise RuntimeError("remote recipients need the relay queue")
+            only = next(iter(remote.values())).original if len(remote) == 1 else None
+            header = trace_headers(self._config, env, only, now, return_path=False)
+            entry = QueueEntry(
+                id=env.msgid,
+                sender=str(env.sender or ""),
+                arrival=now,
+                recipients=tuple(remote.values()),
+                size=len(header) + message.size,
+                kind=env.kind,
+                eight_bit=env.eight_bit,
+                smtputf8=env.smtputf8,
+                peer=env.peer_ip,
+            )
+            job.append(QueueWrite(entry, (header, body)))
         size = message.size
 
         def stored(files: list[Path]) -> list[Path]:
             message.discard()
             # One event per message: for local mail, accepting and delivering are one act.
             log.info(
-                "accepted {msgid} size={size} delivered to {mailboxes}",
+                "accepted {msgid} size={size} delivered to {mailboxes} queued for {queued}",
                 msgid=env.msgid,
                 sender=str(env.sender or ""),
                 recipients=[str(r) for r, _d in env.recipients],
-                mailboxes=",".join(str(d) for d in seen),
+                mailboxes=",".join(str(d) for d in local) or "-",
+                queued=",".join(remote) or "-",
                 size=size,
                 peer=env.peer_ip,
                 protocol=env.protocol,
             )
+            if entry is not None and self._on_queued is not None:
+                self._on_queued(entry)
             return files
 
         def failed(failure: Failure) -> Failure:
             message.discard()
             return failure
 
-        return self._committer.submit(copies).addCallbacks(stored, failed)
+        return self._committer.submit(job).addCallbacks(stored, failed)
+
+    def submit_generated(
+        self, msgid: str, sender: str, recipient: Address, destinations: tuple[Destination, ...], data: bytes, kind: str
+    ) -> Deferred[list[Path]]:
+        """Store a message mx wrote itself (a DSN) like any other: the same door."""
+        message = self.new_message()
+        message.write(data)
+        env = Envelope(
+            msgid=msgid,
+            sender=parse_address(sender) if sender else None,
+            recipients=((recipient, destinations),),
+            helo=self._config.hostname,
+            peer_ip="",
+            protocol="local",
+            kind=kind,
+            eight_bit=True,
+            smtputf8=not str(recipient).isascii(),
+        )
+        return self.commit(env, message)

@@ -20,13 +20,14 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mx.address import is_safe_mailbox_name
+from mx.durable import Staged, fsync_dir, write_synced
 
-__all__ = ["MaildirError", "Delivery", "mailbox_path", "ensure_maildir", "deliver_batch", "SUBDIRS"]
+__all__ = ["MaildirError", "Delivery", "mailbox_path", "ensure_maildir", "stage_copy", "iter_new", "SUBDIRS"]
 
 SUBDIRS = ("tmp", "new", "cur")
 _counter = itertools.count()
@@ -61,14 +62,6 @@ def mailbox_path(mail_root: Path, domain: str, local: str) -> Path:
     return mail_root / domain / local
 
 
-def _fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def ensure_maildir(path: Path) -> None:
     """Create `path` with tmp/new/cur if missing, durably (each new directory's parent fsynced)."""
     if (path / "new").is_dir() and (path / "tmp").is_dir() and (path / "cur").is_dir():
@@ -79,20 +72,14 @@ def ensure_maildir(path: Path) -> None:
     while not p.exists():
         missing.append(p)
         p = p.parent
-    for d in reversed(missing):
+    for d in [*reversed(missing), *(path / sub for sub in SUBDIRS)]:
         try:
             os.mkdir(d, 0o700)
             created.append(d)
         except FileExistsError:
             pass
-    for sub in SUBDIRS:
-        try:
-            os.mkdir(path / sub, 0o700)
-            created.append(path / sub)
-        except FileExistsError:
-            pass
     for parent in {d.parent for d in created}:
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,98 +92,23 @@ class Delivery:
     body_file: Path | None = None  # a spooled body, copied when the message was large
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def stage_copy(d: Delivery, known: set[Path]) -> Staged:
+    """Write and fsync one copy into tmp/; the `Staged.final` name in new/ carries its size.
 
-
-def _write_copy(fd: int, d: Delivery) -> int:
-    _write_all(fd, d.header)
-    size = len(d.header)
-    if d.body is not None:
-        _write_all(fd, d.body)
-        size += len(d.body)
-    elif d.body_file is not None:
-        with open(d.body_file, "rb") as src:
-            while chunk := src.read(1 << 20):
-                _write_all(fd, chunk)
-                size += len(chunk)
-    return size
-
-
-def _write_tmp(d: Delivery, known: set[Path]) -> tuple[Path, Path]:
-    """Write and fsync one copy into tmp/; return (tmp path, final new/ path)."""
+    `known` caches Maildirs already seen to exist, so a delivery costs no extra stat calls.
+    """
     if d.maildir not in known:
         ensure_maildir(d.maildir)
         known.add(d.maildir)
     tmp = d.maildir / "tmp" / unique_name(0)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        size = _write_copy(fd, d)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    # The size is known only now; the name in new/ carries it (",S=").
-    final = d.maildir / "new" / f"{tmp.name.rsplit(',S=', 1)[0]},S={size}"
-    return tmp, final
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def deliver_batch(
-    jobs: Sequence[Sequence[Delivery]], known: set[Path]
-) -> list[BaseException | list[Path]]:
-    """Deliver several messages at once (group commit); one result per job.
-
-    Each job is all the copies of one message: it succeeds as a whole (the list of files in
-    `new/`) or fails as a whole (the exception, with every file it wrote removed). Each
-    file is fsynced on its own; each `new/` directory is fsynced once for the whole batch.
-    `known` caches Maildirs already seen to exist, so a delivery costs no extra stat calls.
-    """
-    results: list[BaseException | list[Path]] = []
-    moved: list[list[Path]] = []
-    for job in jobs:
-        done: list[tuple[Path, Path]] = []
-        try:
-            for d in job:
-                done.append(_write_tmp(d, known))
-            for tmp, final in done:
-                os.rename(tmp, final)
-        except Exception as e:  # noqa: BLE001 - one job's disk error must not fail the batch
-            for tmp, final in done:
-                _unlink_quietly(tmp)
-                _unlink_quietly(final)
-            known.difference_update(d.maildir for d in job)
-            results.append(e)
-            moved.append([])
-            continue
-        results.append([final for _tmp, final in done])
-        moved.append([final for _tmp, final in done])
-    dirs = {f.parent for files in moved for f in files}
-    failed_dirs: dict[Path, BaseException] = {}
-    for d in dirs:
-        try:
-            _fsync_dir(d)
-        except OSError as e:
-            failed_dirs[d] = e
-    if failed_dirs:
-        for i, files in enumerate(moved):
-            bad = next((failed_dirs[f.parent] for f in files if f.parent in failed_dirs), None)
-            if bad is not None:
-                for f in files:
-                    _unlink_quietly(f)
-                results[i] = bad
-    return results
+    parts: list[bytes | Path] = [d.header]
+    if d.body is not None:
+        parts.append(d.body)
+    elif d.body_file is not None:
+        parts.append(d.body_file)
+    size = write_synced(tmp, parts)
+    # Dovecot reads the size from ",S=" in the name; it is known only now.
+    return Staged(tmp, d.maildir / "new" / f"{tmp.name.rsplit(',S=', 1)[0]},S={size}")
 
 
 def iter_new(maildir: Path) -> Iterable[Path]:

@@ -161,6 +161,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.peer_ip = ""
         self.errors = 0
         self.smtputf8 = False
+        self.eight_bit = False
         self._busy = False
         self._open = False
         self._counted = False
@@ -367,6 +368,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.sender = sender
         self.mail_size = args.size
         self.smtputf8 = args.smtputf8
+        self.eight_bit = args.body == "8BITMIME"
         self.state = State.MAIL
         return Reply(250, "2.1.0", "Sender OK")
 
@@ -415,6 +417,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             helo=self.helo,
             peer_ip=self.peer_ip,
             protocol="ESMTP" if self.esmtp else "SMTP",
+            eight_bit=self.eight_bit,
+            smtputf8=self.smtputf8,
         )
         message, self.message = self.message, None
         self._reset_transaction()

@@ -16,7 +16,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -25,6 +24,7 @@ import argon2
 import argon2.exceptions
 
 from mx.address import AddressError, is_safe_mailbox_name, parse_address
+from mx.durable import atomic_write
 
 __all__ = [
     "SCHEME",
@@ -117,26 +117,8 @@ def write_users(path: Path, users: Mapping[str, str]) -> None:
         if any(c in address + stored for c in ":\n\r") or not address or not stored:
             raise UsersError(f"cannot store {address!r}: ':' or a line break in the entry")
         lines.append(f"{address}:{stored}\n")
-    # mkstemp creates the file 0600, so the hashes are never readable by others, even briefly.
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    # The rename is durable only once the folder's entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # Created 0600, so the hashes are never readable by others, even briefly.
+    atomic_write(path, "".join(lines).encode("utf-8"), mode=0o600)
 
 
 class UserDB:
