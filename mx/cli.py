@@ -1,13 +1,15 @@
 """The `mx` command: operators' administration of a mail server's files.
 
-`mx [--config PATH] check | user add|passwd|del ADDRESS | user list` (INTERFACE.md).
+`mx [--config PATH] check | user add|passwd|del ADDRESS | user list |
+queue list [--json] | queue show|delete ID | queue flush` (INTERFACE.md).
 
 Invariants:
 - Every command exits 0 on success, or non-zero with exactly one line `mx: ...` on stderr.
 - The config comes from `--config`, else `etc/mx.toml` in the current folder, else the
   built-in defaults: the same rule `twistd -n mx` follows, so both see the same files.
-- Commands work on files only (no talking to the server); a running server notices a
-  changed users file by itself. Changes to the users file are serialised by an flock on
+- Commands work on files; a running server notices a changed users file by itself. The
+  queue commands that change state go through the server when it runs (mx.control), so
+  the server's view and the files never disagree. Changes to the users file are serialised by an flock on
   `<users_file>.lock`, so two concurrent `mx user ...` never lose each other's update.
 """
 
@@ -16,14 +18,20 @@ from __future__ import annotations
 import argparse
 import fcntl
 import getpass
+import json
 import os
 import sys
+import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Sequence
 
 from mx.address import AddressError, parse_address
 from mx.config import Config, ConfigError, default_path, describe, load
+from mx.control import server_running, write_request
+from mx.durable import unlink_quietly
+from mx.spool import QueueEntry, Spool, SpoolError, check_id
 from mx.users import UsersError, hash_password, normalise_user, read_users, write_users
 
 __all__ = ["main"]
@@ -62,8 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     user_commands.add_parser("list", help="list users, one address a line").set_defaults(
         handler=cmd_user_list)
 
-    # `mx queue list|show|delete|flush` registers here (its own issue): a "queue" parser
-    # whose actions set `handler` like the ones above; main() needs no change.
+    queue = commands.add_parser("queue", help="inspect and manage the relay queue")
+    queue_commands = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    listing = queue_commands.add_parser("list", help="one row per queued message")
+    listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    listing.set_defaults(handler=cmd_queue_list)
+    for name, handler, text in (
+        ("show", cmd_queue_show, "a queued message's envelope, state and headers"),
+        ("delete", cmd_queue_delete, "remove a message from the queue (no bounce is sent)"),
+    ):
+        action = queue_commands.add_parser(name, help=text)
+        action.add_argument("id", metavar="ID")
+        action.set_defaults(handler=handler)
+    queue_commands.add_parser("flush", help="the running server retries every queued message now").set_defaults(
+        handler=cmd_queue_flush)
     return parser
 
 
@@ -73,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = args.config if args.config is not None else default_path()
         handler(load(path), args)
-    except (CommandError, ConfigError, UsersError) as e:
+    except (CommandError, ConfigError, UsersError, SpoolError) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
@@ -135,6 +155,135 @@ def cmd_user_del(config: Config, args: argparse.Namespace) -> None:
 def cmd_user_list(config: Config, args: argparse.Namespace) -> None:
     for address in sorted(read_users(config.auth.users_file)):
         print(address)
+
+
+def _spool(config: Config) -> Spool:
+    return Spool(config.data_dir / "queue")
+
+
+def _entries(config: Config) -> list[QueueEntry]:
+    """Every readable record, read-only (safe while the server runs: records are replaced
+    atomically)."""
+    spool = _spool(config)
+    try:
+        names = sorted(n for n in os.listdir(spool.root) if n.endswith(".json") and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    entries = []
+    for name in names:
+        entry = spool.load(name[:-5])
+        if entry is not None and entry.pending:
+            entries.append(entry)
+    return sorted(entries, key=lambda e: e.arrival)
+
+
+def _row(entry: QueueEntry, now: float) -> dict[str, object]:
+    pending = entry.pending
+    last = next((r for r in reversed(pending) if r.last_error), None)
+    return {
+        "id": entry.id,
+        "age": round(now - entry.arrival),
+        "sender": entry.sender,
+        "recipients": [r.address for r in pending],
+        "attempts": max((r.attempts for r in pending), default=0),
+        "next_attempt": min((r.next_attempt for r in pending), default=0.0),
+        "last_error": last.last_error if last else None,
+        "size": entry.size,
+        "kind": entry.kind,
+    }
+
+
+def cmd_queue_list(config: Config, args: argparse.Namespace) -> None:
+    now = time.time()
+    rows = [_row(e, now) for e in _entries(config)]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        print("queue is empty")
+        return
+    print(f"{'ID':<22} {'AGE':>7} {'SENDER':<28} {'TRIES':>5} {'NEXT':>7}  RECIPIENTS / LAST ERROR")
+    for r in rows:
+        nxt = max(0, round(float(r["next_attempt"]) - now))  # type: ignore[arg-type]
+        print(
+            f"{r['id']:<22} {_age(int(r['age'])):>7} {'<' + str(r['sender']) + '>':<28} "  # type: ignore[arg-type]
+            f"{r['attempts']:>5} {_age(nxt):>7}  {', '.join(r['recipients'])}"  # type: ignore[arg-type]
+        )
+        if r["last_error"]:
+            print(f"{'':<22} {'':>7} {'':<28} {'':>5} {'':>7}  {r['last_error']}")
+
+
+def _age(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _queue_id(config: Config, text: str) -> str:
+    try:
+        check_id(text)
+    except SpoolError as e:
+        raise CommandError(str(e)) from None
+    if _spool(config).load(text) is None:
+        raise CommandError(f"no such queued message: {text}")
+    return text
+
+
+def cmd_queue_show(config: Config, args: argparse.Namespace) -> None:
+    entry = _spool(config).load(_queue_id(config, args.id))
+    assert entry is not None
+    print(f"id: {entry.id}\nkind: {entry.kind}\nsender: <{entry.sender}>\nsize: {entry.size}")
+    print(f"arrival: {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(entry.arrival))}")
+    print(f"delay warning sent: {'yes' if entry.delay_warned else 'no'}")
+    for r in entry.recipients:
+        nxt = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.next_attempt)) if r.status == "pending" else "-"
+        print(f"recipient: <{r.address}> {r.status}, {r.attempts} attempts, next {nxt}")
+        if r.last_error:
+            print(f"  last: {r.last_error}")
+    print()
+    try:
+        with open(_spool(config).body_path(entry.id), "rb") as f:
+            head = f.read(64 * 1024).split(b"\r\n\r\n", 1)[0]
+        sys.stdout.write(head.decode("utf-8", "replace").replace("\r\n", "\n") + "\n")
+    except OSError:
+        print("(message file missing)")
+
+
+def _ask_server(config: Config, action: str, arg: str = "") -> bool:
+    """Hand a request to the running server; True once it has done it (within 5 s)."""
+    request = write_request(config.data_dir / "queue", action, arg)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if not request.exists():
+            return True
+        time.sleep(0.05)
+    unlink_quietly(request)
+    return False
+
+
+def cmd_queue_delete(config: Config, args: argparse.Namespace) -> None:
+    queue_id = _queue_id(config, args.id)
+    queue_root = config.data_dir / "queue"
+    if server_running(queue_root):
+        if not _ask_server(config, "delete", queue_id):
+            raise CommandError("the running server did not answer within 5 seconds")
+    else:
+        _spool(config).remove(queue_id)
+    print(f"deleted {queue_id}")
+
+
+def cmd_queue_flush(config: Config, args: argparse.Namespace) -> None:
+    queue_root = config.data_dir / "queue"
+    if server_running(queue_root):
+        if not _ask_server(config, "flush"):
+            raise CommandError("the running server did not answer within 5 seconds")
+        print("flushing: the server is retrying every queued message")
+        return
+    spool = _spool(config)
+    for entry in _entries(config):
+        spool.save(entry.with_recipients(replace(r, next_attempt=0.0) for r in entry.recipients))
+    print("no server is running: every queued message will be tried as soon as it starts")
 
 
 # --- helpers -----------------------------------------------------------------------------

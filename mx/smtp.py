@@ -333,13 +333,16 @@ def parse_rcpt_args(arg: str) -> str:
     return path
 
 
-def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
+def dot_stuff(data: bytes, at_line_start: bool = True, after_cr: bool = False) -> bytes:
     """Transparency for sending (RFC 5321 §4.5.2), on a whole buffer at once.
 
-    `at_line_start` says whether `data` begins a line; callers streaming chunks pass
-    whether the previous chunk ended with CRLF, so a "." at a chunk boundary is stuffed.
+    Callers streaming chunks pass `at_line_start` = the previous chunk ended with CRLF and
+    `after_cr` = it ended with a CR, so a "." right after a chunk boundary (even one that
+    falls between CR and LF) is stuffed and can never end DATA early.
     """
     out = data.replace(b"\r\n.", b"\r\n..")
     if at_line_start and out[:1] == b".":
         out = b"." + out
+    elif after_cr and out[:2] == b"\n.":
+        out = b"\n." + out[1:]
     return out
