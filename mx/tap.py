@@ -17,14 +17,22 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from mx import config as configmod
 from mx.config import Config
+from mx.control import POLL_INTERVAL, ServerLock, read_requests
 from mx.delivery import Delivery
+from mx.dns import Resolver
+from mx.durable import unlink_quietly
+from mx.relay import Relay
 from mx.routing import Router
+from mx.spool import QueueEntry, Spool
 from mx.smtpserver import SMTPServerFactory
 from mx.users import UserDB, UsersError
 
@@ -49,7 +57,12 @@ class MailService(service.MultiService):
         self.pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="mx-disk")
         self.users = UserDB(config.auth.users_file)
         self.router = Router(config, self.users.exists)
-        self.delivery = Delivery(config, reactor, self.pool)
+        self.spool = Spool(config.data_dir / "queue")
+        self.delivery = Delivery(config, reactor, self.pool, spool=self.spool, on_queued=self._queued)
+        self.resolver = Resolver(reactor, config.dns.nameservers, config.dns.timeout)
+        self.relay = Relay(config, reactor, self.pool, self.spool, self.delivery, self.router, self.resolver)
+        self.control = LoopingCall(self._poll_control)
+        self.control.clock = reactor
         self.factories: list[SMTPServerFactory] = []
         self.listeners: list[StreamServerEndpointService] = []
         listen = config.listen
@@ -69,9 +82,32 @@ class MailService(service.MultiService):
         self.listeners.append(svc)
         return factory
 
+    def _queued(self, entry: QueueEntry) -> None:
+        self.relay.enqueue(entry)
+
+    def _poll_control(self) -> Deferred[None]:
+        """`mx queue flush|delete` requests (mx.control), checked once a second."""
+        root = self.spool.root
+        d = deferToThreadPool(self.reactor, self.pool, read_requests, root)
+
+        async def handle(requests: list[tuple[str, str, Path]]) -> None:
+            for action, arg, path in requests:
+                log.info("queue {action} {arg} requested by the operator", action=action, arg=arg)
+                if action == "flush":
+                    self.relay.flush()
+                elif action == "delete":
+                    await self.relay.delete(arg)
+                await deferToThreadPool(self.reactor, self.pool, unlink_quietly, path)
+
+        d.addCallback(lambda requests: Deferred.fromCoroutine(handle(requests)))
+        d.addErrback(lambda f: log.failure("queue control failed", f))
+        return d
+
     def startService(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.pool.start()
+        self.relay.startService()
+        self.control.start(POLL_INTERVAL, now=False)
         super().startService()
         log.info(
             "mx started: hostname={hostname} data_dir={data_dir} local_domains={domains} listening={listening}",
@@ -91,8 +127,13 @@ class MailService(service.MultiService):
         yield defer.DeferredList([defer.maybeDeferred(s.stopService) for s in self.listeners])
         # 2. drain: in-flight commits finish, idle connections get 421
         yield defer.DeferredList([f.shutdown() for f in self.factories])
+        if self.control.running:
+            self.control.stop()
+        # 3. the relay: running attempts get a few seconds, then are cut (intent is recorded,
+        #    so a cut transaction is simply sent again after the restart)
+        yield self.relay.stopService()
         service.Service.stopService(self)
-        # 3. the disk pool last (joins its threads; nothing is pending any more)
+        # 4. the disk pool last (joins its threads; nothing is pending any more)
         self.pool.stop()
         log.info("mx stopped")
 
@@ -114,7 +155,13 @@ def build(config: Config, reactor: Any = None) -> MailService:
 
 def makeService(options: Options) -> MailService:
     config = load_config(options["config"])
+    # One server per data_dir: two relays on one queue would send everything twice.
+    lock = ServerLock(config.data_dir / "queue")
+    if not lock.acquire():
+        raise SystemExit(f"mx: another mx server is running with data_dir {config.data_dir}")
     try:
-        return build(config)
+        mail = build(config)
     except UsersError as e:
         raise SystemExit(f"mx: {e}") from None
+    mail.lock = lock  # held (the file stays open) for the life of the process
+    return mail

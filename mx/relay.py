@@ -1,0 +1,561 @@
+"""The relay manager: takes queued messages to other domains' MX hosts, retries, bounces.
+
+Wakes on new mail (`enqueue`), on its timer, or on `flush`. Due recipients are grouped by
+destination domain (one transaction carries all of a message's recipients there); a worker
+per destination holds one connection and reuses it for the next message to that domain.
+
+Invariants:
+- Intent before acting (mox): an attempt is recorded (attempts + next try) in the spool
+  before connecting, so a crash mid-attempt re-sends at most that one transaction later.
+- Each outcome is persisted before anything acts on it (bounce, removal, reschedule).
+- Scheduling never rescans the folder: the queue is read once at start-up into memory and a
+  heap of due times decides what runs next.
+- Concurrency: at most `per_destination` connections to one domain and `max_connections`
+  in all.
+- A message from `<>` never bounces; a bounce that fails goes to the postmaster once; a
+  failed notice to the postmaster is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import random
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mx import dsn
+from mx.address import AddressError, parse_address
+from mx.config import Config
+from mx.delivery import Delivery, new_message_id
+from mx.dns import DNSError, MXHost, Resolver, TemporaryDNSError
+from mx.routing import Router
+from mx.smtp import Reply
+from mx.smtpclient import ServerReply, SMTPClientConnection, SMTPClientError, Timeouts
+from mx.spool import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState, Spool
+
+__all__ = ["Relay"]
+
+log = Logger()
+
+PER_DESTINATION = 10
+MAX_CONNECTIONS = 100
+STOP_GRACE = 5.0  # seconds running attempts may finish in at shutdown
+JITTER = 0.1  # up to +10% on each retry interval, so a backlog does not stampede
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What one attempt meant for one recipient."""
+
+    code: int  # the SMTP reply code, or 450/550-style for failures without a usable reply
+    enhanced: str
+    text: str
+    peer: str = ""
+
+    @classmethod
+    def from_reply(cls, reply: ServerReply, peer: str) -> _Outcome:
+        default = "2.0.0" if reply.code < 400 else "4.0.0" if reply.code < 500 else "5.0.0"
+        return cls(reply.code, reply.enhanced or default, str(reply), peer)
+
+    @classmethod
+    def from_client_error(cls, e: SMTPClientError) -> _Outcome:
+        peer = getattr(e, "peer", "")
+        if e.reply is not None and (e.reply.code >= 500) != e.temporary:
+            return cls.from_reply(e.reply, peer)
+        text = str(e.reply) if e.reply is not None else str(e)
+        return cls(450 if e.temporary else 550, _enhanced(e), text, peer)
+
+    @classmethod
+    def from_dns_error(cls, e: DNSError) -> _Outcome:
+        if e.temporary:
+            return cls(450, e.reply_code, str(e))
+        # RFC 7505 §4.2: null MX is 556 5.1.10
+        return cls(556 if e.reply_code == "5.1.10" else 550, e.reply_code, str(e))
+
+
+class _Work:
+    """One message's due recipients for one destination."""
+
+    __slots__ = ("entry_id", "domain", "addresses")
+
+    def __init__(self, entry_id: str, domain: str, addresses: tuple[str, ...]) -> None:
+        self.entry_id = entry_id
+        self.domain = domain
+        self.addresses = addresses
+
+
+class Relay(service.Service):
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        pool: ThreadPool,
+        spool: Spool,
+        delivery: Delivery,
+        router: Router,
+        resolver: Resolver,
+        *,
+        connect: Callable[..., Any] = SMTPClientConnection.connect,
+        timeouts: Timeouts = Timeouts(),
+        trust_root: Any = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
+        per_destination: int = PER_DESTINATION,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.pool = pool
+        self.spool = spool
+        self.delivery = delivery
+        self.router = router
+        self.resolver = resolver
+        self._connect = connect
+        self.timeouts = timeouts
+        self.trust_root = trust_root
+        self.rng = rng or random.Random()
+        self.now = clock or reactor.seconds
+        self.per_destination = per_destination
+        self.max_connections = max_connections
+        self.entries: dict[str, QueueEntry] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._timer: Any = None
+        self._busy: set[str] = set()  # entry ids with an attempt in flight
+        self._queues: dict[str, deque[_Work]] = defaultdict(deque)
+        self._workers: dict[str, int] = defaultdict(int)
+        self._active = 0
+        self._running_tasks: set[Deferred[Any]] = set()
+        self._pending_parts: dict[str, int] = {}  # entry id -> destinations still running
+        self._stopping = False
+        self.loaded: Deferred[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self.loaded = deferToThreadPool(self.reactor, self.pool, self.spool.load_all)
+        self.loaded.addCallback(self._loaded)
+        self.loaded.addErrback(lambda f: log.failure("could not read the queue", f))
+
+    def _loaded(self, result: tuple[list[QueueEntry], list[str]]) -> None:
+        entries, problems = result
+        for problem in problems:
+            log.error("unreadable queue record left in place: {problem}", problem=problem)
+        for entry in entries:
+            self.entries[entry.id] = entry
+            self._push(entry)
+        log.info("relay queue loaded: {count} messages", count=len(entries))
+        self._arm()
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop taking work; running attempts get `STOP_GRACE` seconds, then are cancelled
+        (their intent is recorded, so they are simply tried again after a restart)."""
+        super().stopService()
+        self._stopping = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        tasks = list(self._running_tasks)
+        done = DeferredList(tasks, consumeErrors=True)
+        if tasks:
+            timer = self.reactor.callLater(STOP_GRACE, lambda: [t.cancel() for t in tasks])
+            done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        return done
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        """A new entry is durable in the spool: schedule it (now, normally)."""
+        self.entries[entry.id] = entry
+        self._push(entry)
+        self._arm()
+
+    def flush(self) -> None:
+        """Try every queued recipient now (`mx queue flush`)."""
+        now = self.now()
+        for entry_id, entry in list(self.entries.items()):
+            if entry_id in self._busy:
+                continue
+            updated = entry.with_recipients(
+                replace(r, next_attempt=now) if r.status == PENDING else r for r in entry.recipients
+            )
+            self.entries[entry_id] = updated
+            self._push(updated)
+        self._arm()
+
+    def delete(self, entry_id: str) -> Deferred[bool]:
+        """Remove a message from the queue (`mx queue delete`); False if unknown."""
+        if self.entries.pop(entry_id, None) is None:
+            return Deferred.fromCoroutine(_false())
+        log.info("deleted {msgid} from the queue by the operator", msgid=entry_id)
+        return deferToThreadPool(self.reactor, self.pool, self.spool.remove, entry_id).addCallback(lambda _: True)
+
+    def _push(self, entry: QueueEntry) -> None:
+        pending = [r.next_attempt for r in entry.recipients if r.status == PENDING]
+        if pending:
+            heapq.heappush(self._heap, (min(pending), next(self._seq), entry.id))
+
+    def _arm(self) -> None:
+        if self._stopping or not self.running:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self._heap:
+            return
+        delay = max(0.0, self._heap[0][0] - self.now())
+        self._timer = self.reactor.callLater(delay, self._run_due)
+
+    def _run_due(self) -> None:
+        self._timer = None
+        now = self.now()
+        while self._heap and self._heap[0][0] <= now:
+            _when, _seq, entry_id = heapq.heappop(self._heap)
+            entry = self.entries.get(entry_id)
+            if entry is None or entry_id in self._busy:
+                continue  # gone, or an attempt is running and will reschedule it
+            due = [r for r in entry.recipients if r.status == PENDING and r.next_attempt <= now]
+            if not due:
+                continue  # a stale heap item; a later one exists for this entry
+            self._busy.add(entry_id)
+            by_domain: dict[str, list[str]] = defaultdict(list)
+            for r in due:
+                by_domain[self._destination(r.domain)].append(r.address)
+            self._attempt(entry, by_domain)
+        self._arm()
+
+    def _destination(self, domain: str) -> str:
+        return "[smarthost]" if self.config.relay.smarthost else domain
+
+    def _attempt(self, entry: QueueEntry, by_domain: dict[str, list[str]]) -> None:
+        # Intent first: every due recipient gets its next try recorded before we connect.
+        now = self.now()
+        addresses = {a for group in by_domain.values() for a in group}
+        updated = entry.with_recipients(
+            replace(r, attempts=r.attempts + 1, next_attempt=now + self._interval(r.attempts + 1))
+            if r.address in addresses
+            else r
+            for r in entry.recipients
+        )
+        self.entries[entry.id] = updated
+        d = self._save(updated)
+        d.addCallback(lambda _: self._dispatch(updated.id, by_domain))
+        d.addErrback(self._attempt_failed_to_record, entry.id)
+
+    def _attempt_failed_to_record(self, failure: Failure, entry_id: str) -> None:
+        log.failure("could not record an attempt for {msgid}; retrying later", failure, msgid=entry_id)
+        self._busy.discard(entry_id)
+        entry = self.entries.get(entry_id)
+        if entry is not None:
+            self._push(entry)
+            self._arm()
+
+    def _interval(self, attempts: int) -> float:
+        retry = self.config.relay.retry
+        base = retry[min(attempts, len(retry)) - 1]
+        return base * (1.0 + JITTER * self.rng.random())
+
+    def _dispatch(self, entry_id: str, by_domain: dict[str, list[str]]) -> None:
+        self._pending_parts[entry_id] = len(by_domain)
+        for dest, addresses in by_domain.items():
+            self._queues[dest].append(_Work(entry_id, dest, tuple(addresses)))
+            self._start_workers(dest)
+
+    def _start_workers(self, dest: str) -> None:
+        while (
+            self._queues[dest]
+            and self._workers[dest] < min(self.per_destination, len(self._queues[dest]) + self._workers[dest])
+            and self._active < self.max_connections
+            and not self._stopping
+        ):
+            self._workers[dest] += 1
+            self._active += 1
+            task = Deferred.fromCoroutine(self._worker(dest))
+            self._running_tasks.add(task)
+            task.addErrback(lambda f: log.failure("relay worker crashed", f))
+            task.addBoth(lambda _, t=task: self._running_tasks.discard(t))
+
+    async def _worker(self, dest: str) -> None:
+        conn: SMTPClientConnection | None = None
+        try:
+            queue = self._queues[dest]
+            while queue and not self._stopping:
+                work = queue.popleft()
+                try:
+                    conn = await self._deliver(work, conn)
+                finally:
+                    self._part_done(work.entry_id)
+        finally:
+            if conn is not None:
+                await conn.quit()
+            self._workers[dest] -= 1
+            self._active -= 1
+            if not self._queues[dest]:
+                self._queues.pop(dest, None)
+            # another destination may have waited for a free connection slot
+            for other in list(self._queues):
+                self._start_workers(other)
+
+    def _part_done(self, entry_id: str) -> None:
+        left = self._pending_parts.get(entry_id, 1) - 1
+        if left > 0:
+            self._pending_parts[entry_id] = left
+            return
+        self._pending_parts.pop(entry_id, None)
+        self._busy.discard(entry_id)
+        entry = self.entries.get(entry_id)
+        if entry is not None:
+            self._push(entry)
+            self._arm()
+
+    # -- one delivery attempt --------------------------------------------------------
+
+    async def _deliver(self, work: _Work, conn: SMTPClientConnection | None) -> SMTPClientConnection | None:
+        entry = self.entries.get(work.entry_id)
+        if entry is None:
+            return conn  # deleted by the operator meanwhile
+        outcomes: dict[str, _Outcome] = {}
+        try:
+            if conn is None:
+                conn = await self._open(work.domain)
+            result = await conn.send(
+                entry.sender,
+                work.addresses,
+                self.spool.body_path(entry.id),
+                size=entry.size,
+                eight_bit=entry.eight_bit,
+                smtputf8=entry.smtputf8,
+            )
+            for address in work.addresses:
+                outcomes[address] = _Outcome.from_reply(result.outcome(address), conn.peer_name)
+        except SMTPClientError as e:
+            if conn is not None:
+                e.peer = conn.peer_name  # type: ignore[attr-defined]
+                if e.stage not in ("mail", "size"):
+                    conn.abort()  # the session is in an unknown state: never reuse it
+                    conn = None
+            outcome = _Outcome.from_client_error(e)
+            outcomes = dict.fromkeys(work.addresses, outcome)
+        except DNSError as e:
+            outcomes = dict.fromkeys(work.addresses, _Outcome.from_dns_error(e))
+        except _Loop as e:
+            outcomes = dict.fromkeys(work.addresses, _Outcome(450, "4.4.6", str(e)))
+        await self._record(entry.id, outcomes)
+        return conn
+
+    async def _open(self, domain: str) -> SMTPClientConnection:
+        """Connect to the first MX host (or the smarthost) that answers well."""
+        relay = self.config.relay
+        if relay.smarthost:
+            host, port = relay.smarthost
+            hosts = [MXHost(host, 0, await self._addresses(host))]
+        else:
+            port = relay.port
+            hosts = _below_myself(await self.resolver.mx_hosts(domain), self.config.hostname)
+            if not hosts:
+                # RFC 5321 §5.1: we are the best MX for a domain that is not ours.
+                raise _Loop(f"mail for {domain} loops back to myself (I am its best MX host)")
+        last: SMTPClientError | None = None
+        for mx in hosts:
+            for address in mx.addresses:
+                try:
+                    conn = await self._connect(
+                        self.reactor,
+                        address,
+                        port,
+                        helo=self.config.hostname,
+                        tls=relay.tls,
+                        tls_hostname=mx.name,
+                        trust_root=self.trust_root,
+                        timeouts=self.timeouts,
+                    )
+                except SMTPClientError as e:
+                    e.peer = f"{mx.name}[{address}]"  # type: ignore[attr-defined]
+                    log.info(
+                        "could not use {host}[{address}] for {domain}: {error}",
+                        host=mx.name, address=address, domain=domain, error=str(e),
+                    )
+                    last = e
+                    continue
+                greeting_name = (conn.peer_name or "").split()[0].lower() if conn.peer_name else ""
+                if greeting_name and greeting_name == self.config.hostname.lower():
+                    conn.abort()
+                    raise _Loop(f"mail for {domain} loops back to myself ({mx.name} greeted me with my own name)")
+                return conn
+        if last is not None:
+            raise last
+        raise TemporaryDNSError(f"no usable MX host for {domain}")
+
+    async def _addresses(self, host: str) -> tuple[str, ...]:
+        if _is_ip(host):
+            return (host,)
+        return await self.resolver.addresses(host)
+
+    # -- outcomes --------------------------------------------------------------------
+
+    async def _record(self, entry_id: str, outcomes: dict[str, _Outcome]) -> None:
+        entry = self.entries.get(entry_id)
+        if entry is None:
+            return
+        now = self.now()
+        expired = now - entry.arrival >= self.config.relay.max_lifetime
+        recipients = []
+        failed: list[RecipientState] = []
+        delivered: list[str] = []
+        deferred: list[RecipientState] = []
+        for r in entry.recipients:
+            if r.address not in outcomes:
+                recipients.append(r)
+                continue
+            o = outcomes[r.address]
+            r = replace(r, last_code=o.code, last_enhanced=o.enhanced, last_error=o.text, remote_mta=o.peer or None)
+            if o.code < 400:
+                r = replace(r, status=DELIVERED, last_error=None)
+                delivered.append(r.address)
+            elif o.code >= 500:
+                r = replace(r, status=FAILED)
+                failed.append(r)
+            elif expired:
+                text = f"gave up after {_days(self.config.relay.max_lifetime)}: {o.text}"
+                r = replace(r, status=FAILED, last_enhanced="5" + o.enhanced[1:], last_error=text)
+                failed.append(r)
+            else:
+                deferred.append(r)
+            recipients.append(r)
+        entry = entry.with_recipients(recipients)
+        warn = (
+            bool(deferred)
+            and not entry.delay_warned
+            and self.config.relay.delay_warning is not None
+            and now - entry.arrival >= self.config.relay.delay_warning
+            and entry.sender != ""
+            and entry.kind == "message"
+        )
+        if warn:
+            entry = replace(entry, delay_warned=True)
+        self.entries[entry_id] = entry
+        await self._save(entry)  # the outcome is durable before anything acts on it
+        for address in delivered:
+            log.info("delivered {msgid} to {rcpt} via {peer}", msgid=entry_id, rcpt=address, peer=outcomes[address].peer)
+        for r in deferred:
+            log.info(
+                "deferred {msgid} to {rcpt}: {error} (attempt {attempt}, next in {delay:.0f}s)",
+                msgid=entry_id, rcpt=r.address, error=r.last_error, attempt=r.attempts, delay=r.next_attempt - now,
+            )
+        for r in failed:
+            log.info("bounced {msgid} to {rcpt}: {error}", msgid=entry_id, rcpt=r.address, error=r.last_error, code=r.last_code)
+        if failed:
+            await self._notify(entry, failed, delay=False)
+        if warn:
+            await self._notify(entry, deferred, delay=True)
+        if not entry.pending:
+            self.entries.pop(entry_id, None)
+            await deferToThreadPool(self.reactor, self.pool, self.spool.remove, entry_id)
+
+    def _save(self, entry: QueueEntry) -> Deferred[None]:
+        return deferToThreadPool(self.reactor, self.pool, self.spool.save, entry)
+
+    async def _notify(self, entry: QueueEntry, recipients: Sequence[RecipientState], *, delay: bool) -> None:
+        """A failure or delay DSN to the sender; failed bounces go to the postmaster once."""
+        if entry.kind == "double-bounce":
+            log.error("dropped a failed notice to the postmaster ({msgid})", msgid=entry.id)
+            return
+        if entry.sender == "" and entry.kind == "message":
+            log.info("no bounce for {msgid}: the sender is <>", msgid=entry.id)
+            return
+        to = self.config.postmaster if entry.kind == "bounce" else entry.sender
+        kind = "double-bounce" if entry.kind == "bounce" else "bounce"
+        original = await deferToThreadPool(self.reactor, self.pool, _read_head, self.spool.body_path(entry.id))
+        statuses = [
+            dsn.RecipientStatus(
+                recipient=r.original or r.address,
+                action="delayed" if delay else "failed",
+                status=r.last_enhanced or ("4.0.0" if delay else "5.0.0"),
+                diagnostic=r.last_error,
+                remote_mta=(r.remote_mta or "").split("[")[0] or None,
+                last_attempt=self.now(),
+                will_retry_until=entry.arrival + self.config.relay.max_lifetime if delay else None,
+            )
+            for r in recipients
+        ]
+        make = dsn.delay_notice if delay else dsn.failure_notice
+        notice = make(
+            reporting_mta=self.config.hostname,
+            original_sender=to,
+            recipients=statuses,
+            original=original,
+            queue_id=entry.id,
+            arrival=entry.arrival,
+            now=time.time(),
+            postmaster=self.config.postmaster,
+        )
+        try:
+            rcpt = parse_address(to)
+            destinations = self.router.resolve(rcpt, may_relay=True)
+        except (AddressError, Reply) as e:
+            log.error("cannot send a notice for {msgid} to <{to}>: {error}", msgid=entry.id, to=to, error=str(e))
+            return
+        try:
+            await self.delivery.submit_generated(new_message_id(), "", rcpt, destinations, notice.message, kind)
+        except Exception:
+            log.failure("could not store a notice for {msgid}", msgid=entry.id)
+
+
+class _Loop(Exception):
+    """The destination would deliver back to us."""
+
+
+def _below_myself(hosts: list[MXHost], hostname: str) -> list[MXHost]:
+    """RFC 5321 §5.1: if we are one of the MX hosts, only better-preferred hosts may be used."""
+    mine = [mx.preference for mx in hosts if mx.name.lower() == hostname.lower()]
+    if not mine:
+        return hosts
+    return [mx for mx in hosts if mx.preference < min(mine)]
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} seconds"
+
+
+def _enhanced(e: SMTPClientError) -> str:
+    if e.reply is not None and e.reply.enhanced:
+        return e.reply.enhanced
+    if e.stage == "size":
+        return "5.3.4"
+    if e.stage in ("tls", "starttls"):
+        return "4.7.5" if e.temporary else "5.7.5"
+    return "4.4.1" if e.temporary else "5.0.0"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_head(path: Any, limit: int = 256 * 1024) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return b""
+
+
+async def _false() -> bool:
+    return False
