@@ -111,7 +111,7 @@ class Relay(service.Service):
         timeouts: Timeouts = Timeouts(),
         trust_root: Any = None,
         rng: random.Random | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Any = None,
         per_destination: int = PER_DESTINATION,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
@@ -126,7 +126,10 @@ class Relay(service.Service):
         self.timeouts = timeouts
         self.trust_root = trust_root
         self.rng = rng or random.Random()
-        self.now = clock or reactor.seconds
+        # Timers and "now" come from `clock` (a task.Clock in tests), sockets from `reactor`.
+        self.clock = clock if clock is not None else reactor
+        self.now = self.clock.seconds
+        self._idle: list[Deferred[None]] = []
         self.per_destination = per_destination
         self.max_connections = max_connections
         self.entries: dict[str, QueueEntry] = {}
@@ -172,7 +175,7 @@ class Relay(service.Service):
         tasks = list(self._running_tasks)
         done = DeferredList(tasks, consumeErrors=True)
         if tasks:
-            timer = self.reactor.callLater(STOP_GRACE, lambda: [t.cancel() for t in tasks])
+            timer = self.clock.callLater(STOP_GRACE, lambda: [t.cancel() for t in tasks])
             done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
         return done
 
@@ -204,6 +207,15 @@ class Relay(service.Service):
         log.info("deleted {msgid} from the queue by the operator", msgid=entry_id)
         return deferToThreadPool(self.reactor, self.pool, self.spool.remove, entry_id).addCallback(lambda _: True)
 
+    def wait_idle(self) -> Deferred[None]:
+        """Fires when no attempt is running or being recorded (tests, tools)."""
+        d: Deferred[None] = Deferred()
+        if not self._busy:
+            d.callback(None)
+        else:
+            self._idle.append(d)
+        return d
+
     def _push(self, entry: QueueEntry) -> None:
         pending = [r.next_attempt for r in entry.recipients if r.status == PENDING]
         if pending:
@@ -218,7 +230,7 @@ class Relay(service.Service):
         if not self._heap:
             return
         delay = max(0.0, self._heap[0][0] - self.now())
-        self._timer = self.reactor.callLater(delay, self._run_due)
+        self._timer = self.clock.callLater(delay, self._run_due)
 
     def _run_due(self) -> None:
         self._timer = None
@@ -258,11 +270,7 @@ class Relay(service.Service):
 
     def _attempt_failed_to_record(self, failure: Failure, entry_id: str) -> None:
         log.failure("could not record an attempt for {msgid}; retrying later", failure, msgid=entry_id)
-        self._busy.discard(entry_id)
-        entry = self.entries.get(entry_id)
-        if entry is not None:
-            self._push(entry)
-            self._arm()
+        self._release(entry_id)
 
     def _interval(self, attempts: int) -> float:
         retry = self.config.relay.retry
@@ -316,11 +324,19 @@ class Relay(service.Service):
             self._pending_parts[entry_id] = left
             return
         self._pending_parts.pop(entry_id, None)
+        self._release(entry_id)
+
+    def _release(self, entry_id: str) -> None:
+        """The attempt on `entry_id` is over: schedule what is left of it."""
         self._busy.discard(entry_id)
         entry = self.entries.get(entry_id)
         if entry is not None:
             self._push(entry)
             self._arm()
+        if not self._busy:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
 
     # -- one delivery attempt --------------------------------------------------------
 

@@ -20,7 +20,7 @@ Invariants:
   drain (IPushProducer), so a large message is never buffered whole a second time.
 - Every wait for a reply has its RFC 5321 §4.5.3.2 timeout; a timeout aborts the connection.
   A fatal error (timeout, lost connection, protocol violation) always closes the connection
-  before it is raised; a refused command never does (RSET keeps the connection usable).
+  before it is raised; a refused MAIL, RCPT or DATA never does (RSET keeps it usable).
 - The message file is read with plain blocking reads of 64 KiB (as FileSender does).
 """
 
@@ -56,7 +56,7 @@ MAX_REPLY = 64 * 1024  # octets in one (multi-line) reply
 _LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.S)  # RFC 5321 §4.2
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")  # RFC 3463, RFC 2034
 _BARE = re.compile(rb"\r\n?|\n")
-_DOMAIN = re.compile(r"[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63}){0,126}\.?|\[[0-9A-Fa-f:.Iv]{1,60}\]")
+_DOMAIN = re.compile(r"[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63}){1,126}\.?|\[[0-9A-Fa-f:.Iv]{1,60}\]")
 
 
 @dataclass(frozen=True)

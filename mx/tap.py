@@ -50,7 +50,7 @@ class Options(usage.Options):
 class MailService(service.MultiService):
     """The whole server: listeners, their factories, and the disk thread pool."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, **relay_options: Any) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -60,7 +60,10 @@ class MailService(service.MultiService):
         self.spool = Spool(config.data_dir / "queue")
         self.delivery = Delivery(config, reactor, self.pool, spool=self.spool, on_queued=self._queued)
         self.resolver = Resolver(reactor, config.dns.nameservers, config.dns.timeout)
-        self.relay = Relay(config, reactor, self.pool, self.spool, self.delivery, self.router, self.resolver)
+        # relay_options: tests pass a task.Clock (`clock`), short `timeouts`, a `trust_root`
+        self.relay = Relay(
+            config, reactor, self.pool, self.spool, self.delivery, self.router, self.resolver, **relay_options
+        )
         self.control = LoopingCall(self._poll_control)
         self.control.clock = reactor
         self.factories: list[SMTPServerFactory] = []
@@ -145,12 +148,12 @@ def load_config(path: str | None) -> Config:
         raise SystemExit(f"mx: {e}") from None
 
 
-def build(config: Config, reactor: Any = None) -> MailService:
+def build(config: Config, reactor: Any = None, **relay_options: Any) -> MailService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return MailService(config, reactor)
+    return MailService(config, reactor, **relay_options)
 
 
 def makeService(options: Options) -> MailService:
