@@ -33,7 +33,8 @@ from twisted.python.threadpool import ThreadPool
 from mx import maildir
 from mx.address import Address, parse_address
 from mx.config import Config
-from mx.durable import Staged, fsync_dir, publish, unlink_quietly
+from mx.durable import Staged, discard, fsync_dir, publish, unlink_quietly
+from mx.durable import sync as durable_sync
 from mx.routing import Destination, LocalRecipient
 from mx.spool import QueueEntry, RecipientState, Spool
 
@@ -166,46 +167,50 @@ def commit_batch(jobs: Sequence[Job], known: set[Path], spool: Spool | None) -> 
     """Store several messages at once (group commit), in a disk thread; one result per job.
 
     Each job (all the copies of one message) succeeds as a whole (the published paths) or
-    fails as a whole (the exception; everything it wrote removed). Each file is fsynced on
-    its own; each folder once for the whole batch.
+    fails as a whole (the exception; everything it wrote removed). Phases: write every file,
+    fsync every file (the first fsync commits the file system journal for all of them, so
+    the others cost little), rename them into place, fsync each folder once.
     """
-    results: list[BaseException | list[Path]] = []
-    folders: list[set[Path]] = []
-    for job in jobs:
-        staged: list[Staged] = []
+    results: list[BaseException | list[Path]] = [[] for _ in jobs]
+    staged: list[list[Staged]] = [[] for _ in jobs]
+    for i, job in enumerate(jobs):
         try:
             for item in job:
                 if isinstance(item, maildir.Delivery):
-                    staged.append(maildir.stage_copy(item, known))
+                    staged[i].append(maildir.stage_copy(item, known))
                 else:
                     assert spool is not None, "a queue write needs the spool"
-                    staged.extend(spool.stage_new(item.entry, item.parts))
-            folders.append(publish(staged))
+                    staged[i].extend(spool.stage_new(item.entry, item.parts))
         except Exception as e:  # noqa: BLE001 - one job's disk error must not fail the batch
-            _undo(job, staged, known, spool)
-            results.append(e)
-            folders.append(set())
-            continue
-        results.append([s.final for s in staged])
+            results[i] = e
+    folders: list[set[Path]] = [set() for _ in jobs]
+    for phase in (durable_sync, publish):
+        for i, job in enumerate(jobs):
+            if isinstance(results[i], BaseException):
+                continue
+            try:
+                folders[i] = phase(staged[i]) or set()
+            except Exception as e:  # noqa: BLE001
+                results[i] = e
     bad: dict[Path, BaseException] = {}
     for folder in set().union(*folders):
         try:
             fsync_dir(folder)
         except OSError as e:
             bad[folder] = e
-    for i, job_folders in enumerate(folders):
-        hit = next((bad[f] for f in job_folders if f in bad), None)
+    for i, job in enumerate(jobs):
+        hit = next((bad[f] for f in folders[i] if f in bad), None)
         if hit is not None:
-            done = results[i]
-            _undo(jobs[i], [Staged(p, p) for p in done] if isinstance(done, list) else [], known, spool)
             results[i] = hit
+        if isinstance(results[i], BaseException):
+            _undo(job, staged[i], known, spool)
+        else:
+            results[i] = [s.final for s in staged[i]]
     return results
 
 
 def _undo(job: Job, staged: Sequence[Staged], known: set[Path], spool: Spool | None) -> None:
-    for s in staged:
-        unlink_quietly(s.tmp)
-        unlink_quietly(s.final)
+    discard(staged)
     for item in job:
         if isinstance(item, QueueWrite) and spool is not None:
             unlink_quietly(spool.body_path(item.entry.id))

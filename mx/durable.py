@@ -5,8 +5,9 @@ Storage modules (`maildir`, `spool`, `users`) build on these; nothing here impor
 Invariants:
 - A file is written under a temporary name, fsynced, then renamed to its final name; the
   rename is durable only after the folder itself is fsynced (ext4/XFS semantics).
-- `stage` + `publish` split that in two so a caller can write many files, rename them all and
-  fsync each folder once (group commit); `atomic_write` is the one-file form.
+- `stage` + `sync` + `publish` split that up so a caller can write many files, fsync them
+  all (the first fsync commits the journal for the others, so the rest cost little), rename
+  them all and fsync each folder once (group commit); `atomic_write` is the one-file form.
 - On any failure the temporary file is removed: no partial file ever carries a final name.
 """
 
@@ -18,15 +19,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Staged", "fsync_dir", "write_synced", "stage", "publish", "atomic_write", "unlink_quietly"]
+__all__ = ["Staged", "fsync_dir", "stage", "sync", "discard", "publish", "atomic_write", "unlink_quietly"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Staged:
-    """A fsynced file waiting under `tmp` to be renamed to `final`."""
+    """A file written under `tmp`, to be fsynced (`fd` open until then) and renamed to `final`."""
 
     tmp: Path
     final: Path
+    fd: int | None = None
+    size: int = 0
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -53,12 +56,12 @@ def _write_all(fd: int, data: bytes | memoryview) -> int:
     return total
 
 
-def write_synced(path: Path, parts: Iterable[bytes | Path], mode: int = 0o600) -> int:
-    """Create `path` (must not exist) from byte strings and files, fsync it; return its size.
+def stage(tmp: Path, final: Path, parts: Iterable[bytes | Path], mode: int = 0o600) -> Staged:
+    """Create `tmp` (must not exist) from byte strings and files, not yet fsynced.
 
     A `Path` part is copied in 1 MiB blocks, so large messages never sit whole in memory.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     size = 0
     try:
         for part in parts:
@@ -68,36 +71,50 @@ def write_synced(path: Path, parts: Iterable[bytes | Path], mode: int = 0o600) -
                         size += _write_all(fd, block)
             else:
                 size += _write_all(fd, part)
-        os.fsync(fd)
     except BaseException:
         os.close(fd)
-        unlink_quietly(path)
+        unlink_quietly(tmp)
         raise
-    os.close(fd)
-    return size
+    return Staged(tmp, final, fd, size)
 
 
-def stage(tmp: Path, final: Path, parts: Iterable[bytes | Path]) -> Staged:
-    write_synced(tmp, parts)
-    return Staged(tmp, final)
+def sync(staged: Sequence[Staged]) -> None:
+    """fsync and close every staged file; on error close the rest and remove them all."""
+    try:
+        for s in staged:
+            if s.fd is not None:
+                os.fsync(s.fd)
+                os.close(s.fd)
+                s.fd = None
+    except BaseException:
+        discard(staged)
+        raise
+
+
+def discard(staged: Sequence[Staged]) -> None:
+    """Forget staged files: close what is open, remove temporary and final names."""
+    for s in staged:
+        if s.fd is not None:
+            try:
+                os.close(s.fd)
+            except OSError:
+                pass
+            s.fd = None
+        unlink_quietly(s.tmp)
+        unlink_quietly(s.final)
 
 
 def publish(staged: Sequence[Staged]) -> set[Path]:
-    """Rename every staged file into place; return the folders that now need an fsync.
-
-    If a rename fails, the files already renamed by this call are removed again and the
-    error is raised: the caller's job then failed as a whole.
+    """Rename every (synced) staged file into place, in order; return the folders that now
+    need an fsync. If a rename fails, everything is removed again and the error raised:
+    the caller's job then failed as a whole.
     """
-    done: list[Staged] = []
     try:
         for s in staged:
+            assert s.fd is None, "publish after sync"
             os.rename(s.tmp, s.final)
-            done.append(s)
     except BaseException:
-        for s in done:
-            unlink_quietly(s.final)
-        for s in staged:
-            unlink_quietly(s.tmp)
+        discard(staged)
         raise
     return {s.final.parent for s in staged}
 
@@ -105,11 +122,11 @@ def publish(staged: Sequence[Staged]) -> set[Path]:
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` durably: temp file, fsync, rename, fsync the folder."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    staged = stage(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"), path, [data], mode)
+    sync([staged])
     try:
-        write_synced(temp, [data], mode)
-        os.replace(temp, path)
+        os.replace(staged.tmp, path)
     except BaseException:
-        unlink_quietly(temp)
+        unlink_quietly(staged.tmp)
         raise
     fsync_dir(path.parent)

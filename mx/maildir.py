@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mx.address import is_safe_mailbox_name
-from mx.durable import Staged, fsync_dir, write_synced
+from mx.durable import Staged, fsync_dir, stage
 
 __all__ = ["MaildirError", "Delivery", "mailbox_path", "ensure_maildir", "stage_copy", "iter_new", "SUBDIRS"]
 
@@ -93,7 +93,7 @@ class Delivery:
 
 
 def stage_copy(d: Delivery, known: set[Path]) -> Staged:
-    """Write and fsync one copy into tmp/; the `Staged.final` name in new/ carries its size.
+    """Write one copy into tmp/ (the caller fsyncs it); the final name in new/ carries its size.
 
     `known` caches Maildirs already seen to exist, so a delivery costs no extra stat calls.
     """
@@ -106,9 +106,10 @@ def stage_copy(d: Delivery, known: set[Path]) -> Staged:
         parts.append(d.body)
     elif d.body_file is not None:
         parts.append(d.body_file)
-    size = write_synced(tmp, parts)
+    staged = stage(tmp, tmp, parts)
     # Dovecot reads the size from ",S=" in the name; it is known only now.
-    return Staged(tmp, d.maildir / "new" / f"{tmp.name.rsplit(',S=', 1)[0]},S={size}")
+    staged.final = d.maildir / "new" / f"{tmp.name.rsplit(',S=', 1)[0]},S={staged.size}"
+    return staged
 
 
 def iter_new(maildir: Path) -> Iterable[Path]:

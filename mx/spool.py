@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from mx.durable import Staged, atomic_write, fsync_dir, stage, unlink_quietly
+from mx.durable import Staged, atomic_write, discard, fsync_dir, stage, unlink_quietly
 
 __all__ = ["PENDING", "DELIVERED", "FAILED", "RecipientState", "QueueEntry", "Spool", "SpoolError"]
 
@@ -113,15 +113,18 @@ class Spool:
         return self.root / f"{check_id(queue_id)}.json"
 
     def stage_new(self, entry: QueueEntry, parts: Iterable[bytes | Path]) -> list[Staged]:
-        """Write the body (final name: it is invisible without a record) and the record
-        under a temporary name, both fsynced. Publishing the returned record makes it real."""
+        """Write the body and the record under temporary names (the caller syncs and
+        publishes them, body first: the record's rename is what makes the message real)."""
         self.ensure()
         body = self.body_path(entry.id)
-        tmp_body = body.with_suffix(".eml.tmp")
-        stage(tmp_body, body, parts)
-        os.rename(tmp_body, body)
         record = self.record_path(entry.id)
-        return [stage(record.with_suffix(".json.tmp"), record, [entry.to_json()])]
+        staged = [stage(body.with_suffix(".eml.tmp"), body, parts)]
+        try:
+            staged.append(stage(record.with_suffix(".json.tmp"), record, [entry.to_json()]))
+        except BaseException:
+            discard(staged)
+            raise
+        return staged
 
     def save(self, entry: QueueEntry) -> None:
         """Persist a state change atomically and durably."""
