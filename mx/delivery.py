@@ -142,7 +142,10 @@ def trace_headers(
         lines.append(f"Return-Path: <{env.sender or ''}>\r\n")
     if env.peer_ip:
         helo = "".join(c if c.isprintable() and c not in "()" else "?" for c in env.helo) or "unknown"
-        lines.append(f"Received: from {helo} ([{_ip_literal(env.peer_ip)}])\r\n\tby {config.hostname}")
+        lines.append(f"Received: from {helo} ([{_ip_literal(env.peer_ip)}])\r\n")
+        if env.auth_user:
+            lines.append(f"\t(authenticated as {env.auth_user})\r\n")
+        lines.append(f"\tby {config.hostname}")
     else:
         lines.append(f"Received: by {config.hostname}")  # generated here (a DSN)
     lines.append(f" (mx) with {env.protocol} id {env.msgid}")

@@ -51,6 +51,18 @@ class Router:
     def __init__(self, config: Config, user_exists: Callable[[str], bool]) -> None:
         self._config = config
         self._user_exists = user_exists
+        # user -> the alias addresses that deliver to it (submission senders it may use)
+        self._owned: dict[str, set[str]] = {}
+        for alias, targets in config.aliases.items():
+            for target in targets:
+                self._owned.setdefault(target, set()).add(alias)
+
+    def may_send_as(self, user: str, sender: Address) -> bool:
+        """Submission policy: a user sends as itself (any +tag, any case) or as an alias
+        pointing to it."""
+        return sender.key == user or sender.canonical in self._owned.get(user, ()) or (
+            sender.key in self._owned.get(user, ())
+        )
 
     def is_local(self, address: Address) -> bool:
         return self._config.is_local_domain(address.domain)

@@ -24,6 +24,7 @@ from enum import Enum
 __all__ = [
     "Reply",
     "Command",
+    "RawLine",
     "BadLine",
     "DataChunk",
     "DataEnd",
@@ -80,6 +81,13 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class RawLine:
+    """A line asked for with `expect_raw_line` (a SASL response), without its CRLF."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class BadLine:
     """A command line that cannot be a command; `reply` says why."""
 
@@ -105,7 +113,7 @@ class _Need(Enum):
 
 NEED_DATA = _Need.NEED_DATA
 
-Event = Command | BadLine | DataChunk | DataEnd | _Need
+Event = Command | RawLine | BadLine | DataChunk | DataEnd | _Need
 
 
 @dataclass(slots=True)
@@ -133,6 +141,7 @@ class ServerSession:
     _buf: bytearray = field(default_factory=bytearray)
     _skipping_long_line: bool = False
     _data: _DataState | None = None
+    _raw_next: bool = False
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data
@@ -145,6 +154,10 @@ class ServerSession:
         """Forget everything received so far (RFC 3207 §4.2: nothing sent before TLS counts)."""
         self._buf.clear()
         self._skipping_long_line = False
+
+    def expect_raw_line(self) -> None:
+        """The next line is not a command but a response (RFC 4954 §4 SASL exchanges)."""
+        self._raw_next = True
 
     def start_data(self, max_size: int) -> None:
         """Switch to DATA mode after the server has answered 354."""
@@ -182,7 +195,14 @@ class ServerSession:
             return BadLine(Reply(500, "5.5.6", "Line too long (RFC 5321 §4.5.3.1.4)"))
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             # RFC 5321 §2.3.8: CR and LF only ever appear together as CRLF.
+            self._raw_next = False
             return BadLine(Reply(500, "5.5.2", "Lines must end with CRLF"))
+        if self._raw_next:
+            self._raw_next = False
+            try:
+                return RawLine(line[:-2].decode("ascii"))
+            except UnicodeDecodeError:
+                return RawLine("\x00")  # never valid base64: the exchange fails cleanly
         return parse_command(line[:-2])
 
     # -- DATA -----------------------------------------------------------------------
@@ -320,6 +340,8 @@ def parse_mail_args(arg: str) -> MailArgs:
             body = value.upper()
         elif key == "SMTPUTF8" and not eq:
             smtputf8 = True
+        elif key == "AUTH" and eq:
+            pass  # RFC 4954 §5: an identity for the next hop; we record our own user instead
         else:
             raise Reply(555, "5.5.4", f"Unsupported MAIL parameter {key}")
     return MailArgs(path, size, body, smtputf8)

@@ -23,17 +23,21 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mx.address import Address, AddressError, parse_path
+from mx.auth import LOGIN_PASS, LOGIN_USER, Authenticator, SASLError, decode_b64, decode_plain
 from mx.config import Config
 from mx.delivery import Delivery, Envelope, IncomingMessage, new_message_id
 from mx.routing import Destination, RemoteRecipient, Router
+from mx.tls import ServerTLS
 from mx.smtp import (
     NEED_DATA,
     BadLine,
+    RawLine,
     Command,
     DataChunk,
     DataEnd,
@@ -49,6 +53,7 @@ log = Logger()
 
 PAUSE_BUFFER = 64 * 1024  # stop reading while a command is pending and this much waits
 MAX_ERRORS = 20  # Postfix's smtpd_hard_error_limit: then the client is cut off
+MAX_AUTH_FAILURES = 10  # per connection; then it is closed
 
 
 class State(Enum):
@@ -72,6 +77,8 @@ ALLOWED: dict[str, frozenset[State]] = {
     "EXPN": ANY,
     "HELP": ANY,
     "QUIT": ANY,
+    "STARTTLS": frozenset({State.GREETED, State.READY}),
+    "AUTH": frozenset({State.READY}),  # RFC 4954 §4: not during a mail transaction
 }
 OUT_OF_SEQUENCE = {
     "MAIL": "Send HELO/EHLO first" ,
@@ -93,6 +100,9 @@ class SMTPServerFactory(ServerFactory):
         delivery: Delivery,
         clock: IReactorTime,
         kind: str = "smtp",
+        tls: ServerTLS | None = None,
+        implicit_tls: bool = False,
+        authenticator: Authenticator | None = None,
         wake: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
@@ -100,6 +110,11 @@ class SMTPServerFactory(ServerFactory):
         self.delivery = delivery
         self.clock = clock
         self.kind = kind
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+        # Submission ports (RFC 6409): AUTH, then relay anywhere; port 25 never offers AUTH.
+        self.submission = kind in ("submission", "submissions")
+        self.authenticator = authenticator if self.submission else None
         self.wake = wake
         self.per_ip: Counter[str] = Counter()
         self.connections: set[SMTPServerProtocol] = set()
@@ -160,6 +175,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.mail_size: int | None = None
         self.peer_ip = ""
         self.errors = 0
+        self.tls_active = False
+        self.user: str | None = None  # the authenticated user (canonical address)
+        self.auth_failures = 0
+        self._sasl: Callable[[str], Reply | Deferred[Reply]] | None = None
         self.smtputf8 = False
         self.eight_bit = False
         self._busy = False
@@ -176,6 +195,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "") or ""
         self.client = f.client_key(self.peer_ip)
+        self.tls_active = f.implicit_tls
         if f.shutting_down:
             self._refuse(Reply(421, "4.3.2", f"{f.config.hostname} shutting down"), "shutting down")
             return
@@ -249,7 +269,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self._run(self._dispatch, event)
             elif isinstance(event, DataEnd):
                 self._run(self._end_data, event)
+            elif isinstance(event, RawLine):
+                self._run(self._sasl_step, event.text)
             elif isinstance(event, BadLine):
+                self._sasl = None
                 self._error(event.reply)
         if self._busy and not self._paused and self._open and self.session.buffered > PAUSE_BUFFER:
             # Pausing costs two epoll syscalls; only worth it when a client pipelines a lot.
@@ -306,7 +329,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         allowed = ALLOWED.get(cmd.verb)
         handler = getattr(self, f"smtp_{cmd.verb}", None) if allowed is not None else None
         if handler is None:
-            if cmd.verb in ("STARTTLS", "AUTH", "BDAT", "ETRN", "TURN"):
+            if cmd.verb in ("BDAT", "ETRN", "TURN"):
                 raise Reply(502, "5.5.1", f"{cmd.verb} not available")
             raise Reply(500, "5.5.2", "Syntax error, command unrecognized")
         if self.state not in allowed:
@@ -350,10 +373,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             "SMTPUTF8",
             "HELP",
         ]
+        if self.factory.tls is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH PLAIN LOGIN")
         # Reply.to_bytes would put the enhanced code on every line; EHLO lines carry none.
         return Reply(250, None, "\n".join(lines))
 
     def smtp_MAIL(self, arg: str) -> Reply:
+        if self.factory.submission and self.user is None:
+            raise Reply(530, "5.7.0", "Authentication required")  # RFC 4954 §6
         args = parse_mail_args(arg)
         limit = self.factory.config.limits.max_message_size
         if args.size is not None and args.size > limit:
@@ -365,6 +394,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             raise Reply(501, "5.1.7", f"Bad sender address: {e}") from None
         if sender is not None and not args.smtputf8 and not str(sender).isascii():
             raise Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.4
+        if self.user is not None and sender is not None and not self.factory.router.may_send_as(self.user, sender):
+            raise Reply(553, "5.7.1", f"<{sender}> is not an address of {self.user}")
         self.sender = sender
         self.mail_size = args.size
         self.smtputf8 = args.smtputf8
@@ -387,7 +418,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             raise Reply(501, "5.1.3", "Null recipient not allowed")
         if not self.smtputf8 and not str(rcpt).isascii():
             raise Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
-        destinations = self.factory.router.resolve(rcpt, may_relay=False)
+        destinations = self.factory.router.resolve(rcpt, may_relay=self.user is not None)
         if any(isinstance(d, RemoteRecipient) for d in destinations) and not self.factory.delivery.accepts_remote():
             raise Reply(451, "4.3.0", f"Relaying to <{rcpt}> is not available yet, try later")
         self.recipients.append((rcpt, destinations))
@@ -416,7 +447,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             recipients=tuple(self.recipients),
             helo=self.helo,
             peer_ip=self.peer_ip,
-            protocol="ESMTP" if self.esmtp else "SMTP",
+            protocol=self._protocol_name(),
+            auth_user=self.user,
             eight_bit=self.eight_bit,
             smtputf8=self.smtputf8,
         )
@@ -434,6 +466,136 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def _not_accepted(self, failure: Failure, env: Envelope) -> Reply:
         log.failure("could not store {msgid} from {peer}", failure, msgid=env.msgid, peer=self.peer_ip)
         return Reply(451, "4.3.0", "Could not store the message, try again later")
+
+    def _protocol_name(self) -> str:
+        # RFC 3848: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA (both)
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls_active else "") + ("A" if self.user else "")
+
+    # -- STARTTLS (RFC 3207) -----------------------------------------------------------
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        tls = self.factory.tls
+        if tls is None:
+            raise Reply(502, "5.5.1", "STARTTLS not available")
+        if arg:
+            raise Reply(501, "5.5.4", "STARTTLS takes no arguments")
+        if self.tls_active:
+            raise Reply(503, "5.5.1", "TLS already active")
+        self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        # RFC 3207 §4.2: nothing the client sent before the handshake counts, including
+        # commands pipelined behind STARTTLS (CVE-2011-0411); and the session starts over.
+        self.session.discard_buffer()
+        self.transport.startTLS(tls)
+        self.tls_active = True
+        self._reset_transaction()
+        self.helo, self.esmtp, self.state = "", False, State.GREETED
+        return None
+
+    # -- AUTH (RFC 4954) ---------------------------------------------------------------
+
+    def _plaintext_ok(self) -> bool:
+        try:
+            ip = ipaddress.ip_address(self.peer_ip)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.factory.config.auth.plaintext_without_tls)
+
+    def _auth_offered(self) -> bool:
+        return self.factory.authenticator is not None and (self.tls_active or self._plaintext_ok())
+
+    def smtp_AUTH(self, arg: str) -> Reply | Deferred[Reply]:
+        auth = self.factory.authenticator
+        if auth is None:
+            raise Reply(503, "5.5.1", "AUTH not available on this port")
+        if self.user is not None:
+            raise Reply(503, "5.5.1", "Already authenticated")
+        if not self._auth_offered():
+            raise Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+        if auth.failures.blocked(self.client):
+            log.info("refused AUTH from {peer}: too many failures", peer=self.peer_ip)
+            self._reply(Reply(421, "4.7.0", "Too many authentication failures, try later"))
+            self._close()
+            return None  # type: ignore[return-value]
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            if initial:
+                return self._auth_plain(initial)
+            return self._challenge("", self._auth_plain)
+        if mechanism == "LOGIN":
+            if initial:
+                return self._login_user(initial)
+            return self._challenge(LOGIN_USER, self._login_user)
+        raise Reply(504, "5.5.4", "Unrecognized authentication type")
+
+    def _challenge(self, text: str, step: Callable[[str], Reply | Deferred[Reply]]) -> Reply:
+        self._sasl = step
+        self.session.expect_raw_line()
+        return Reply(334, None, text)
+
+    def _sasl_step(self, line: str) -> Reply | Deferred[Reply]:
+        step, self._sasl = self._sasl, None
+        if step is None:
+            raise Reply(500, "5.5.2", "Unexpected line")
+        if line == "*":
+            raise Reply(501, "5.0.0", "Authentication canceled")  # RFC 4954 §4
+        return step(line)
+
+    def _auth_plain(self, response: str) -> Deferred[Reply]:
+        try:
+            username, password = decode_plain(decode_b64(response))
+        except SASLError as e:
+            raise Reply(501, "5.5.2", f"Bad AUTH PLAIN response: {e}") from None
+        return self._verify(username, password)
+
+    def _login_user(self, response: str) -> Reply:
+        try:
+            username = decode_b64(response).decode("utf-8")
+        except (SASLError, UnicodeDecodeError):
+            raise Reply(501, "5.5.2", "Bad AUTH LOGIN user name") from None
+        return self._challenge(LOGIN_PASS, lambda r: self._login_password(username, r))
+
+    def _login_password(self, username: str, response: str) -> Deferred[Reply]:
+        try:
+            password = decode_b64(response).decode("utf-8")
+        except (SASLError, UnicodeDecodeError):
+            raise Reply(501, "5.5.2", "Bad AUTH LOGIN password") from None
+        return self._verify(username, password)
+
+    def _verify(self, username: str, password: str) -> Deferred[Reply]:
+        auth = self.factory.authenticator
+        assert auth is not None
+        d = auth.check(username, password)
+        return d.addCallback(self._verified, username)
+
+    def _verified(self, user: str | None, username: str) -> Reply | Deferred[Reply]:
+        auth = self.factory.authenticator
+        assert auth is not None
+        if user is not None:
+            self.user = user
+            log.info("authenticated {user} from {peer} on {service}", user=user, peer=self.peer_ip, service=self.factory.kind)
+            return Reply(235, "2.7.0", "Authentication successful")
+        self.auth_failures += 1
+        auth.failures.failed(self.client)
+        log.info(
+            "authentication failed for {username} from {peer} ({count} on this connection)",
+            username=username[:100], peer=self.peer_ip, count=self.auth_failures,
+        )
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            self._reply(Reply(535, "5.7.8", "Authentication credentials invalid"))
+            self._reply(Reply(421, "4.7.0", "Too many authentication failures"))
+            self._close()
+            return None  # type: ignore[return-value]
+        # Slow down guessing: each further failure waits longer before it is answered.
+        delay = auth.failures.delay(self.client, self.auth_failures)
+        reply = Reply(535, "5.7.8", "Authentication credentials invalid")
+        if delay <= 0:
+            return reply
+        return deferLater(self.factory.clock, delay, lambda: reply)
 
     def smtp_RSET(self, arg: str) -> Reply:
         if arg:

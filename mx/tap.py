@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mx import config as configmod
 from mx.config import Config
+from mx.auth import Authenticator
 from mx.control import POLL_INTERVAL, ServerLock, read_requests
 from mx.delivery import Delivery
 from mx.dns import Resolver
@@ -33,6 +35,7 @@ from mx.durable import unlink_quietly
 from mx.relay import Relay
 from mx.routing import Router
 from mx.spool import QueueEntry, Spool
+from mx.tls import ServerTLS, TLSError
 from mx.smtpserver import SMTPServerFactory
 from mx.users import UserDB, UsersError
 
@@ -41,6 +44,7 @@ __all__ = ["Options", "makeService", "MailService", "build"]
 log = Logger()
 
 DISK_THREADS = 8
+AUTH_THREADS = 2
 
 
 class Options(usage.Options):
@@ -66,17 +70,32 @@ class MailService(service.MultiService):
         )
         self.control = LoopingCall(self._poll_control)
         self.control.clock = reactor
+        # Password hashing gets its own small pool so it never delays disk commits.
+        self.auth_pool = ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="mx-auth")
+        self.authenticator = Authenticator(self.users, reactor, self.auth_pool)
+        self.tls = ServerTLS(config)  # raises TLSError naming the file
         self.factories: list[SMTPServerFactory] = []
         self.listeners: list[StreamServerEndpointService] = []
         listen = config.listen
-        if listen.smtp:
-            self._listen("smtp", listen.smtp)
+        for kind in ("smtp", "submission", "submissions"):
+            if getattr(listen, kind):
+                self._listen(kind, getattr(listen, kind))
 
     def _listen(self, kind: str, description: str) -> SMTPServerFactory:
+        implicit = kind == "submissions"  # RFC 8314: TLS from the first byte
         factory = SMTPServerFactory(
-            config=self.config, router=self.router, delivery=self.delivery, clock=self.reactor, kind=kind
+            config=self.config,
+            router=self.router,
+            delivery=self.delivery,
+            clock=self.reactor,
+            kind=kind,
+            tls=self.tls,
+            implicit_tls=implicit,
+            authenticator=self.authenticator,
         )
         endpoint = endpoints.serverFromString(self.reactor, description)
+        if implicit:
+            endpoint = endpoints.wrapServerTLS(self.tls, endpoint)
         svc = StreamServerEndpointService(endpoint, factory)
         svc._raiseSynchronously = True  # a port that cannot be bound stops start-up
         svc.setName(kind)
@@ -109,6 +128,7 @@ class MailService(service.MultiService):
     def startService(self) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.pool.start()
+        self.auth_pool.start()
         self.relay.startService()
         self.control.start(POLL_INTERVAL, now=False)
         super().startService()
@@ -136,7 +156,8 @@ class MailService(service.MultiService):
         #    so a cut transaction is simply sent again after the restart)
         yield self.relay.stopService()
         service.Service.stopService(self)
-        # 4. the disk pool last (joins its threads; nothing is pending any more)
+        # 4. the thread pools last (they join their threads; nothing is pending any more)
+        self.auth_pool.stop()
         self.pool.stop()
         log.info("mx stopped")
 
@@ -156,6 +177,15 @@ def build(config: Config, reactor: Any = None, **relay_options: Any) -> MailServ
     return MailService(config, reactor, **relay_options)
 
 
+def _reload_tls_on_sighup(mail: MailService) -> None:
+    """Certificate renewal without a restart: SIGHUP re-reads `[tls]` for new connections."""
+
+    def handler(signum: int, frame: object) -> None:
+        mail.reactor.callFromThread(mail.tls.reload)
+
+    signal.signal(signal.SIGHUP, handler)
+
+
 def makeService(options: Options) -> MailService:
     config = load_config(options["config"])
     # One server per data_dir: two relays on one queue would send everything twice.
@@ -164,7 +194,8 @@ def makeService(options: Options) -> MailService:
         raise SystemExit(f"mx: another mx server is running with data_dir {config.data_dir}")
     try:
         mail = build(config)
-    except UsersError as e:
+    except (UsersError, TLSError) as e:
         raise SystemExit(f"mx: {e}") from None
+    _reload_tls_on_sighup(mail)
     mail.lock = lock  # held (the file stays open) for the life of the process
     return mail

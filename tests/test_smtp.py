@@ -369,6 +369,7 @@ class MailArgsTests(SynchronousTestCase):
         ("FROM:<a@b.test> SIZE=100", ("<a@b.test>", 100, None, False)),
         ("FROM:<a@b.test> size=0 body=8bitmime smtputf8", ("<a@b.test>", 0, "8BITMIME", True)),
         ("FROM:<a@b.test> BODY=7BIT", ("<a@b.test>", None, "7BIT", False)),
+        ("FROM:<a@b.test> AUTH=<>", ("<a@b.test>", None, None, False)),  # RFC 4954 §5
         ("FROM:<a@b.test>  SIZE=5  ", ("<a@b.test>", 5, None, False)),
         ('FROM:<"a>b"@c.test>', ('<"a>b"@c.test>', None, None, False)),
         ('FROM:<"a\\">b"@c.test> SIZE=1', ('<"a\\">b"@c.test>', 1, None, False)),
@@ -385,7 +386,7 @@ class MailArgsTests(SynchronousTestCase):
         ("FROM:<a@b.test> SIZE=" + "9" * 21, 555, "5.5.4"),
         ("FROM:<a@b.test> BODY=BINARYMIME", 555, "5.5.4"),
         ("FROM:<a@b.test> SMTPUTF8=yes", 555, "5.5.4"),
-        ("FROM:<a@b.test> AUTH=<>", 555, "5.5.4"),
+        ("FROM:<a@b.test> AUTH", 555, "5.5.4"),
     ]
 
     def test_ok(self) -> None:
