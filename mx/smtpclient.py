@@ -37,13 +37,13 @@ from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mx.smtp import dot_stuff
+from mx.tls import opportunistic_client, verified_client
 
 __all__ = ["Timeouts", "ServerReply", "SMTPClientError", "TransactionResult", "SMTPClientConnection",
            "ReplyParser", "CHUNK_SIZE"]
@@ -172,25 +172,6 @@ class ReplyParser:
             lines.append(text)
         self._lines, self._size = [], 0
         return ServerReply(code, enhanced, "\n".join(lines))
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedTLS:
-    """Opportunistic TLS (RFC 7672 §1.3): SNI sent, any certificate accepted."""
-
-    def __init__(self, hostname: str) -> None:
-        self._options = CertificateOptions()  # verify=False
-        try:
-            ipaddress.ip_address(hostname)
-            self._sni: bytes | None = None  # RFC 6066 §3: no address literals in SNI
-        except ValueError:
-            self._sni = hostname.encode("idna") if hostname else None
-
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        conn = self._options.clientConnectionForTLS(tlsProtocol)
-        if self._sni:
-            conn.set_tlsext_host_name(self._sni)
-        return conn
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -444,10 +425,9 @@ class SMTPClientConnection:
             self._wire.fail("server sent data after its 220 to STARTTLS", "starttls", abort=True)
             raise self._wire.error("starttls")
         if tls == "required":
-            creator = optionsForClientTLS(tls_hostname, trustRoot=trust_root if trust_root is not None
-                                          else platformTrust())
+            creator = verified_client(tls_hostname, trust_root)
         else:
-            creator = _UnverifiedTLS(tls_hostname)
+            creator = opportunistic_client(tls_hostname)
         self._wire.transport.startTLS(creator)
         await self._wire.wait("tls", self._t.ehlo, lambda: self._wire.handshake_done)
         self.tls_active = True
