@@ -33,7 +33,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator, Sequence
 
-from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
