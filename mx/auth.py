@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,7 +37,18 @@ log = Logger()
 
 LOGIN_USER = base64.b64encode(b"Username:").decode()
 LOGIN_PASS = base64.b64encode(b"Password:").decode()
-_DUMMY_HASH = hash_password("not a real password: equalises timing for unknown users")
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    # Made on first use (in a pool thread), not at import: argon2 costs 64 MiB and ~0.5 s.
+    return hash_password("not a real password: equalises timing for unknown users")
+
+
+def _verify(stored: str | None, password: str) -> bool:
+    """In a pool thread: unknown users cost a verification too, and always fail."""
+    ok = verify_password(stored or _dummy_hash(), password)
+    return ok and stored is not None
 
 
 class SASLError(ValueError):
@@ -129,5 +141,5 @@ class Authenticator:
         """The user's canonical address if the password is right, else None."""
         user = self.canonical(username)
         stored = self.users.lookup(user) if user is not None else None
-        d = deferToThreadPool(self._reactor, self._pool, verify_password, stored or _DUMMY_HASH, password)
-        return d.addCallback(lambda ok: user if ok and stored is not None else None)
+        d = deferToThreadPool(self._reactor, self._pool, _verify, stored, password)
+        return d.addCallback(lambda ok: user if ok else None)

@@ -56,13 +56,14 @@ _HEADER_END = re.compile(rb"(?:\A|\n)\r?\n")
 class RecipientStatus:
     """One recipient's outcome, as the relay recorded it."""
 
-    recipient: str  # envelope recipient as the client gave it; "rfc822;" is added here
+    recipient: str  # the address delivery was attempted to (after alias expansion); "rfc822;" is added here
     action: str  # "failed" | "delayed" (RFC 3464 §2.3.3)
     status: str  # enhanced status code (RFC 3463), e.g. "5.1.1", "4.4.1"
     diagnostic: str | None = None  # e.g. "550 5.1.1 <bob@x.test>: no such user"
     remote_mta: str | None = None  # host name of the MX that answered
     last_attempt: float | None = None  # unix time -> Last-Attempt-Date
     will_retry_until: float | None = None  # unix time -> Will-Retry-Until (delayed only)
+    original_recipient: str | None = None  # the RCPT the client gave, if an alias changed it
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,10 @@ def _report(host: str, queue_id: str, sender: str, arrival: float,
     text += _field("X-Mx-Sender", f"rfc822; {_clean(sender)}")
     text += _field("Arrival-Date", _date(arrival))
     for r in rcpts:
-        text += _CRLF + _field("Final-Recipient", f"rfc822; {_clean(r.recipient)}")
+        text += _CRLF
+        if r.original_recipient:  # RFC 3464 §2.3.1
+            text += _field("Original-Recipient", f"rfc822; {_clean(r.original_recipient)}")
+        text += _field("Final-Recipient", f"rfc822; {_clean(r.recipient)}")
         text += _field("Action", r.action)
         text += _field("Status", r.status)
         if r.remote_mta:

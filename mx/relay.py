@@ -43,7 +43,7 @@ from mx.dns import DNSError, MXHost, Resolver, TemporaryDNSError
 from mx.routing import Router
 from mx.smtp import Reply
 from mx.smtpclient import ServerReply, SMTPClientConnection, SMTPClientError, Timeouts
-from mx.spool import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState, Spool
+from mx.spool import BOUNCED, DELIVERED, FAILED, PENDING, QueueEntry, RecipientState, Spool
 
 __all__ = ["Relay"]
 
@@ -160,7 +160,13 @@ class Relay(service.Service):
             log.error("unreadable queue record left in place: {problem}", problem=problem)
         for entry in entries:
             self.entries[entry.id] = entry
-            self._push(entry)
+            if entry.owed:  # a crash came between recording a failure and its bounce
+                self._busy.add(entry.id)
+                d = Deferred.fromCoroutine(self._settle(entry))
+                d.addErrback(lambda f: log.failure("could not send an owed bounce", f))
+                d.addBoth(lambda _, i=entry.id: self._release(i))
+            else:
+                self._push(entry)
         log.info("relay queue loaded: {count} messages", count=len(entries))
         self._arm()
 
@@ -405,7 +411,10 @@ class Relay(service.Service):
                         "could not use {host}[{address}] for {domain}: {error}",
                         host=mx.name, address=address, domain=domain, error=str(e),
                     )
-                    last = e
+                    # Keep the most telling error: one from a host that answered (greeting,
+                    # EHLO, TLS) beats a later "connection refused".
+                    if last is None or last.stage in ("connect", "timeout"):
+                        last = e
                     continue
                 greeting_name = (conn.peer_name or "").split()[0].lower() if conn.peer_name else ""
                 if greeting_name and greeting_name == self.config.hostname.lower():
@@ -461,28 +470,45 @@ class Relay(service.Service):
             and entry.sender != ""
             and entry.kind == "message"
         )
-        if warn:
-            entry = replace(entry, delay_warned=True)
         self.entries[entry_id] = entry
-        await self._save(entry)  # the outcome is durable before anything acts on it
-        for address in delivered:
-            log.info("delivered {msgid} to {rcpt} via {peer}", msgid=entry_id, rcpt=address, peer=outcomes[address].peer)
-        for r in deferred:
-            log.info(
-                "deferred {msgid} to {rcpt}: {error} (attempt {attempt}, next in {delay:.0f}s)",
-                msgid=entry_id, rcpt=r.address, error=r.last_error, attempt=r.attempts, delay=r.next_attempt - now,
-            )
-        for r in failed:
-            log.info("bounced {msgid} to {rcpt}: {error}", msgid=entry_id, rcpt=r.address, error=r.last_error, code=r.last_code)
-        if failed:
-            await self._notify(entry, failed, delay=False)
+        if entry.pending or failed:
+            # The outcome is durable before anything acts on it. (All delivered: the removal
+            # below records that durably by itself, one write fewer per message.)
+            await self._save(entry)
+        _log_outcomes(entry_id, delivered, deferred, failed, now)
         if warn:
             await self._notify(entry, deferred, delay=True)
+            entry = self.entries[entry_id] = replace(entry, delay_warned=True)
+            if not failed:
+                await self._save(entry)
+        await self._settle(entry)
+
+    async def _settle(self, entry: QueueEntry) -> None:
+        """Send the bounces owed (recipients FAILED), mark them BOUNCED, drop a finished entry.
+
+        The owed state is on disk before the bounce is made, so a crash in between sends
+        the bounce after the restart (`_loaded`) rather than losing it.
+        """
+        owed = entry.owed
+        if owed:
+            try:
+                await self._notify(entry, owed, delay=False)
+            except Exception:
+                # Still owed on disk: the next start-up tries again.
+                log.failure("could not store the bounce for {msgid}; will retry at restart", msgid=entry.id)
+                return
+            entry = entry.with_recipients(replace(r, status=BOUNCED) if r.status == FAILED else r for r in entry.recipients)
+            self.entries[entry.id] = entry
         if not entry.pending:
-            self.entries.pop(entry_id, None)
-            await deferToThreadPool(self.reactor, self.pool, self.spool.remove, entry_id)
+            self.entries.pop(entry.id, None)
+            await deferToThreadPool(self.reactor, self.pool, self.spool.remove, entry.id)
+        elif owed:
+            await self._save(entry)
 
     def _save(self, entry: QueueEntry) -> Deferred[None]:
+        """Persist an entry's state, unless the operator deleted it meanwhile."""
+        if entry.id not in self.entries:
+            return Deferred.fromCoroutine(_false()).addCallback(lambda _: None)
         return deferToThreadPool(self.reactor, self.pool, self.spool.save, entry)
 
     async def _notify(self, entry: QueueEntry, recipients: Sequence[RecipientState], *, delay: bool) -> None:
@@ -498,7 +524,8 @@ class Relay(service.Service):
         original = await deferToThreadPool(self.reactor, self.pool, _read_head, self.spool.body_path(entry.id))
         statuses = [
             dsn.RecipientStatus(
-                recipient=r.original or r.address,
+                recipient=r.address,
+                original_recipient=r.original if r.original and r.original != r.address else None,
                 action="delayed" if delay else "failed",
                 status=r.last_enhanced or ("4.0.0" if delay else "5.0.0"),
                 diagnostic=r.last_error,
@@ -525,14 +552,28 @@ class Relay(service.Service):
         except (AddressError, Reply) as e:
             log.error("cannot send a notice for {msgid} to <{to}>: {error}", msgid=entry.id, to=to, error=str(e))
             return
-        try:
-            await self.delivery.submit_generated(new_message_id(), "", rcpt, destinations, notice.message, kind)
-        except Exception:
-            log.failure("could not store a notice for {msgid}", msgid=entry.id)
+        await self.delivery.submit_generated(new_message_id(), "", rcpt, destinations, notice.message, kind)
 
 
 class _Loop(Exception):
     """The destination would deliver back to us."""
+
+
+def _log_outcomes(
+    msgid: str, delivered: list[str], deferred: list[RecipientState], failed: list[RecipientState], now: float
+) -> None:
+    """One event per outcome kind per attempt (not per recipient: a fan-out stays readable)."""
+    if delivered:
+        log.info("delivered {msgid} to {rcpts}", msgid=msgid, rcpts=",".join(delivered), rcpt=delivered)
+    if deferred:
+        r = deferred[0]
+        log.info(
+            "deferred {msgid} to {rcpts}: {error} (attempt {attempt}, next in {delay:.0f}s)",
+            msgid=msgid, rcpts=",".join(d.address for d in deferred), rcpt=[d.address for d in deferred],
+            error=r.last_error, code=r.last_code, attempt=r.attempts, delay=r.next_attempt - now,
+        )
+    for r in failed:
+        log.info("bounced {msgid} to {rcpt}: {error}", msgid=msgid, rcpt=r.address, error=r.last_error, code=r.last_code)
 
 
 def _below_myself(hosts: list[MXHost], hostname: str) -> list[MXHost]:

@@ -35,7 +35,8 @@ from typing import IO, Callable, Iterator, Sequence
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -171,6 +172,18 @@ class ReplyParser:
             lines.append(text)
         self._lines, self._size = [], 0
         return ServerReply(code, enhanced, "\n".join(lines))
+
+
+class _QuietFactory(Factory):
+    """Hands out one protocol; `noisy = False` keeps a log line per connection away."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -378,7 +391,7 @@ class SMTPClientConnection:
                                  bindAddress=(bind_address, 0) if bind_address else None)
         wire = _Wire(reactor)
         try:
-            await connectProtocol(endpoint, wire)
+            await endpoint.connect(_QuietFactory(wire))
         except net_error.TimeoutError as e:
             raise SMTPClientError(f"connect to [{host}]:{port} timed out", stage="timeout") from e
         except Exception as e:

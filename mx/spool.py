@@ -11,8 +11,8 @@ Invariants:
   body; the folder fsync (shared by a batch) makes it durable. Only then is 250 sent.
 - Every state change rewrites the record atomically (temp, fsync, rename, fsync folder), so
   a crash leaves either the old or the new state, never a mix, and never loses a recipient.
-- A record is removed only once no recipient is pending; a removal undone by a crash leaves
-  a record with nothing pending, which start-up cleans away (no duplicate sends).
+- A record is removed only once no recipient is pending and every bounce owed was made; a
+  removal undone by a crash leaves a finished record, which start-up cleans away.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pathlib import Path
 
 from mx.durable import Staged, atomic_write, discard, fsync_dir, stage, unlink_quietly
 
-__all__ = ["PENDING", "DELIVERED", "FAILED", "RecipientState", "QueueEntry", "Spool", "SpoolError"]
+__all__ = ["PENDING", "DELIVERED", "FAILED", "BOUNCED", "RecipientState", "QueueEntry", "Spool", "SpoolError"]
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+# A recipient is pending (to try), delivered, failed (a bounce is owed) or bounced (sent).
+PENDING, DELIVERED, FAILED, BOUNCED = "pending", "delivered", "failed", "bounced"
 _ID = re.compile(r"[0-9A-Za-z]{1,64}\Z")
 FORMAT = 1
 
@@ -71,6 +72,11 @@ class QueueEntry:
     @property
     def pending(self) -> tuple[RecipientState, ...]:
         return tuple(r for r in self.recipients if r.status == PENDING)
+
+    @property
+    def owed(self) -> tuple[RecipientState, ...]:
+        """Failed recipients whose bounce has not been made yet."""
+        return tuple(r for r in self.recipients if r.status == FAILED)
 
     def with_recipients(self, recipients: Iterable[RecipientState]) -> QueueEntry:
         return replace(self, recipients=tuple(recipients))
@@ -163,7 +169,7 @@ class Spool:
             except (OSError, SpoolError) as e:
                 problems.append(f"{queue_id}: {e}")
                 continue
-            if not entry.pending:
+            if not entry.pending and not entry.owed:
                 self.remove(queue_id)  # finished; its removal was lost in a crash
                 continue
             entries.append(entry)

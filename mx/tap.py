@@ -114,7 +114,7 @@ class MailService(service.MultiService):
 
         async def handle(requests: list[tuple[str, str, Path]]) -> None:
             for action, arg, path in requests:
-                log.info("queue {action} {arg} requested by the operator", action=action, arg=arg)
+                log.info("queue {action} requested by the operator {arg}", action=action, arg=arg)
                 if action == "flush":
                     self.relay.flush()
                 elif action == "delete":

@@ -366,3 +366,415 @@ def start_twistd(case: TestCase, config_path: Path, port: int, cwd: Path | None 
     child = spawn(case, argv, cwd, name="twistd")
     wait_until_accepting(child, port)
     return child
+
+
+# --- DNS: a twisted.names server on loopback ---------------------------------------------
+
+
+class ServFail(Exception):
+    """Raised by `ServFailAuthority`; twisted.names answers SERVFAIL for any non-DomainError
+    (and log.err()s it: a test that triggers it calls `flushLoggedErrors(ServFail)`)."""
+
+
+def _dns_imports() -> Any:
+    from twisted.names import authority, dns as tdns, error, server
+
+    return authority, tdns, error, server
+
+
+def zone_authority(records: list[tuple[str, Any]], origin: str = "test") -> Any:
+    """A twisted.names authority for `origin` holding `records` (`(name, Record_*)` pairs):
+    names under `origin` that are not listed get NXDOMAIN."""
+    authority, tdns, _error, _server = _dns_imports()
+
+    class ZoneAuthority(authority.FileAuthority):
+        def __init__(self) -> None:
+            super().__init__(None)
+
+        def loadFile(self, _: object) -> None:
+            soa = tdns.Record_SOA(mname=b"ns." + origin.encode(), rname=b"root." + origin.encode(),
+                                  serial=1, refresh=60, retry=60, expire=60, minimum=60)
+            self.soa = (origin.encode(), soa)
+            self.records = {origin.encode(): [soa]}
+            for name, record in records:
+                self.records.setdefault(name.encode().lower(), []).append(record)
+
+    return ZoneAuthority()
+
+
+def servfail_authority(names: tuple[str, ...]) -> Any:
+    """SERVFAIL for `names`; "not mine" (the next authority answers) for anything else."""
+    authority, _tdns, error, _server = _dns_imports()
+    from twisted.internet import defer
+
+    failing = {n.encode().lower() for n in names}
+
+    class ServFailAuthority(authority.FileAuthority):
+        def __init__(self) -> None:
+            super().__init__(None)
+
+        def loadFile(self, _: object) -> None:
+            self.soa = None
+            self.records = {}
+
+        def _lookup(self, name: bytes, cls: int, type: int, timeout: object = None) -> Any:
+            if name.lower() in failing:
+                return defer.fail(ServFail(name))
+            return defer.fail(error.DomainError(name))
+
+    return ServFailAuthority()
+
+
+def serve_dns(case: TestCase, records: list[tuple[str, Any]], *, servfail: tuple[str, ...] = (),
+              origin: str = "test", host: str = "127.0.0.1") -> int:
+    """Run a twisted.names server for `origin` on `host`, UDP and TCP on one port; return it.
+
+    Stopped at cleanup. `servfail` names get SERVFAIL.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+
+    _authority, tdns, _error, server = _dns_imports()
+    factory = server.DNSServerFactory(authorities=[servfail_authority(servfail), zone_authority(records, origin)])
+    factory.noisy = False
+    udp = tdns.DNSDatagramProtocol(controller=factory)
+    udp.noisy = False
+    for _ in range(20):  # TCP first: a failed UDP bind leaves `udp` unattached
+        tcp_port = reactor.listenTCP(0, factory, interface=host)
+        number = tcp_port.getHost().port
+        try:
+            udp_port = reactor.listenUDP(number, udp, interface=host)
+        except CannotListenError:
+            tcp_port.stopListening()
+            continue
+        case.addCleanup(tcp_port.stopListening)
+        case.addCleanup(udp_port.stopListening)
+        return number
+    raise AssertionError("no port free for both UDP and TCP")
+
+
+# --- aiosmtpd as the remote MX ----------------------------------------------------------
+
+
+def common_free_port(hosts: tuple[str, ...]) -> int:
+    """A TCP port that was free a moment ago on every one of the loopback `hosts`."""
+
+    def bindable(host: str, port: int) -> bool:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+        return True
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = s.getsockname()[1]
+        if all(bindable(h, port) for h in hosts[1:]):
+            return port
+    raise AssertionError(f"no port free on all of {hosts}")
+
+
+@dataclass
+class Stored:
+    """One message a remote MX took (250 after DATA)."""
+
+    host: str  # the loopback address it was received on
+    sender: str
+    rcpts: list[str]
+    content: bytes
+    tls: bool
+
+    @property
+    def subject(self) -> str:
+        m = re.search(rb"^Subject: ([^\r\n]*)", self.content, re.M)
+        return m.group(1).decode() if m else ""
+
+
+class RemoteHandler:
+    """aiosmtpd handler for a remote MX the test can steer (attributes are read per command).
+
+    - `greeting`: sent instead of the 220 banner (e.g. "421 4.3.2 busy"), None for normal;
+    - `rcpt_reply`: the reply to every RCPT not in `rcpt_replies` (None: 250);
+    - `rcpt_replies`: {address: reply} for a per-recipient mix;
+    - `data_reply`: the reply after the final dot instead of 250 (None: store, 250);
+    - `data_delay`: seconds to sit on a message before answering (a slow MX).
+    Every stored message is appended to `messages`; every MAIL to `mails`.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.greeting: str | None = None
+        self.rcpt_reply: str | None = None
+        self.rcpt_replies: dict[str, str] = {}
+        self.data_reply: str | None = None
+        self.data_delay = 0.0
+        self.messages: list[Stored] = []
+        self.mails: list[str] = []
+
+    def accept_all(self) -> None:
+        self.greeting = self.rcpt_reply = self.data_reply = None
+        self.rcpt_replies = {}
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        self.mails.append(address)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        reply = self.rcpt_replies.get(address, self.rcpt_reply)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_delay:
+            import asyncio
+
+            await asyncio.sleep(self.data_delay)
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(Stored(self.host, envelope.mail_from, list(envelope.rcpt_tos),
+                                    envelope.original_content, session.ssl is not None))
+        return "250 2.0.0 queued"
+
+
+def start_remote_mx(case: TestCase, host: str, port: int, name: str, *, tls_cert: Any = None,
+                    handler: RemoteHandler | None = None) -> RemoteHandler:
+    """aiosmtpd on `host:port` (its own thread) greeting as `name`; stopped at cleanup.
+
+    `tls_cert`: a `trustme.LeafCert` to offer STARTTLS with.
+    """
+    import logging
+    import ssl
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP
+
+    class RemoteSMTP(SMTP):
+        _greeted = False
+
+        async def push(self, status: Any) -> None:
+            if not self._greeted:  # the first thing sent is the banner
+                self._greeted = True
+                greeting = getattr(self.event_handler, "greeting", None)
+                if greeting:
+                    status = greeting
+            await super().push(status)
+
+    class RemoteController(Controller):
+        def factory(self) -> SMTP:
+            return RemoteSMTP(self.handler, **self.SMTP_kwargs)
+
+    handler = handler or RemoteHandler(host)
+    kwargs: dict[str, Any] = {}
+    if tls_cert is not None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_cert.configure_cert(ctx)
+        kwargs["tls_context"] = ctx
+    aiosmtpd_log = logging.getLogger("mail.log")  # it logs dropped sessions with tracebacks
+    level = aiosmtpd_log.level
+    aiosmtpd_log.setLevel(logging.CRITICAL)
+    case.addCleanup(aiosmtpd_log.setLevel, level)
+    controller = RemoteController(handler, hostname=host, port=port, server_hostname=name, ready_timeout=10, **kwargs)
+    controller.start()
+    case.addCleanup(controller.stop)
+    return handler
+
+
+# --- the whole server in-process (mx.tap.build) -----------------------------------------
+
+
+def listening_port(svc: Any) -> int:
+    """The TCP port a started `StreamServerEndpointService` listens on."""
+    found: list[int] = []
+
+    def got(port: Any) -> Any:
+        found.append(port.getHost().port)
+        return port
+
+    svc._waitingForPort.addCallback(got)  # fired at startService for TCP endpoints
+    assert found, "the listener has not started"
+    return found[0]
+
+
+async def start_mail_service(case: TestCase, config: Config, **relay_options: Any) -> Any:
+    """`mx.tap.build(config, reactor, **relay_options)`, started, queue loaded.
+
+    Its `smtp_port` attribute is set to the smtp listener's port. Stopped at cleanup (if
+    still running); with a `task.Clock` as `clock`, attempts still running at the stop are cut
+    after a few real seconds by advancing that clock past the relay's grace time.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock, deferLater
+
+    from mx import relay as relaymod
+    from mx.tap import build
+
+    mail = build(config, reactor, **relay_options)
+    mail.startService()
+
+    async def stop() -> None:
+        if not mail.running:
+            return
+        d = mail.stopService()
+        clock = relay_options.get("clock")
+        for i in range(600):  # bounded: at most about 30 s
+            if d.called:
+                break
+            await deferLater(reactor, 0.05)
+            if isinstance(clock, Clock) and i > 40:
+                clock.advance(relaymod.STOP_GRACE)
+        await d
+
+    case.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+    await mail.relay.loaded
+    listeners = {s.name: s for s in mail.listeners}
+    mail.smtp_port = listening_port(listeners["smtp"]) if "smtp" in listeners else None
+    return mail
+
+
+def run_mx(config_path: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """`python -m mx.cli --config PATH ARGS...` as a subprocess (blocking: use a thread)."""
+    argv = [sys.executable, "-m", "mx.cli", "--config", str(config_path), *args]
+    return subprocess.run(argv, cwd=config_path.parent, env=subprocess_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def queue_records(data_dir: Path) -> dict[str, Any]:
+    """{queue id: QueueEntry} read from `<data_dir>/queue/*.json` (what is on disk now)."""
+    from mx.spool import QueueEntry
+
+    out: dict[str, Any] = {}
+    for path in sorted((data_dir / "queue").glob("*.json")):
+        try:
+            out[path.stem] = QueueEntry.from_json(path.read_bytes())
+        except FileNotFoundError:
+            continue  # removed meanwhile
+    return out
+
+
+# --- TLS: a throwaway CA (trustme), certificate files, verifying clients -------------------
+
+
+def write_tls_files(folder: Path, ca: Any, hostname: str = HOSTNAME, name: str = "server",
+                    key_type: Any = None) -> tuple[Path, Path]:
+    """Issue a certificate for `hostname` from the `trustme.CA` `ca` and write it as
+    `<folder>/<name>-cert.pem` (leaf first, then the chain) and `<folder>/<name>-key.pem`.
+
+    `key_type`: a `trustme.KeyType` for the leaf (trustme's default is ECDSA)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    leaf = ca.issue_cert(hostname) if key_type is None else ca.issue_cert(hostname, key_type=key_type)
+    cert, key = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    return cert, key
+
+
+def write_ca_file(folder: Path, ca: Any) -> Path:
+    """The CA certificate as `<folder>/ca.pem` (for `ssl.create_default_context(cafile=...)`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ca.pem"
+    path.write_bytes(ca.cert_pem.bytes())
+    return path
+
+
+def tls_section(cert: Path, key: Path) -> str:
+    """A `[tls]` section for `write_config(extra=...)`."""
+    return f"[tls]\ncertificate = {_toml(str(cert))}\nkey = {_toml(str(key))}\n"
+
+
+def client_tls_context(cafile: Path | None) -> Any:
+    """A client `ssl.SSLContext`: verifies the server against `cafile` (hostname checked), or
+    verifies nothing when `cafile` is None (the self-signed case)."""
+    import ssl
+
+    if cafile is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    return ssl.create_default_context(cafile=str(cafile))
+
+
+def starttls_client(port: int, context: Any, server_name: str = HOSTNAME, helo: str = CLIENT_HELO) -> Any:
+    """An `smtplib.SMTP` on 127.0.0.1:`port` after EHLO, STARTTLS and EHLO again; the
+    certificate is checked against `server_name` (SNI too), not the address connected to."""
+    import smtplib
+
+    s = smtplib.SMTP(local_hostname=helo, timeout=SOCKET_TIMEOUT)
+    s._host = server_name  # smtplib passes _host as server_hostname to wrap_socket
+    try:
+        s.connect("127.0.0.1", port)
+        s.ehlo()
+        s.starttls(context=context)
+        s.ehlo()
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def smtps_client(port: int, context: Any, server_name: str = HOSTNAME, helo: str = CLIENT_HELO) -> Any:
+    """An `smtplib.SMTP_SSL` (implicit TLS) on 127.0.0.1:`port` after EHLO; checked against
+    `server_name`."""
+    import smtplib
+
+    s = smtplib.SMTP_SSL(local_hostname=helo, timeout=SOCKET_TIMEOUT, context=context)
+    s._host = server_name
+    try:
+        s.connect("127.0.0.1", port)
+        s.ehlo()
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def wrap_raw(client: RawClient, context: Any, server_name: str = HOSTNAME) -> None:
+    """TLS handshake on a `RawClient`'s socket in place (after the server's 220 to STARTTLS).
+
+    Asserts that nothing the server sent before the handshake is still unread.
+    """
+    assert client.buf == b"", f"unread bytes before the TLS handshake: {client.buf!r}"
+    client.sock = context.wrap_socket(client.sock, server_hostname=server_name)
+
+
+def peer_certificate(port: int, context: Any = None, server_name: str = HOSTNAME) -> bytes:
+    """The DER certificate an implicit-TLS listener on 127.0.0.1:`port` presents."""
+    ctx = context or client_tls_context(None)
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert isinstance(der, bytes), der
+            return der
+
+
+def service_ports(mail: Any) -> dict[str, int]:
+    """{service name: port} for a started `MailService` (`start_mail_service`)."""
+    return {s.name: listening_port(s) for s in mail.listeners}
+
+
+def start_twistd_smtp(case: TestCase, config_path: Path, port: int, timeout: float = 15.0) -> Child:
+    """`start_twistd`, then wait (bounded) for a 220 banner on `port`: a bare connect can
+    succeed without the server (a self-connect to a free ephemeral port, or a stranger).
+    Blocking: call it through `deferToThread`."""
+    child = start_twistd(case, config_path, port)
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise AssertionError(f"server exited with {child.process.returncode}:\n{child.output()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+                if s.getsockname() != s.getpeername() and s.recv(4).startswith(b"220"):
+                    return child
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    raise AssertionError(f"no SMTP banner on port {port} within {timeout}s ({last}):\n{child.output()}")

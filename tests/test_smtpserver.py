@@ -34,9 +34,11 @@ from tests.support import (
     make_config,
     maildir,
     new_files,
+    queue_records,
     size_from_name,
     smtp_client,
     split_delivered,
+    start_mail_service,
     start_server,
 )
 
@@ -316,7 +318,28 @@ class DeliveryTests(Base):
         self.assertDelivered(srv, "alice", 1)
         self.assertDelivered(srv, "bob", 1)
 
-    async def test_alias_to_remote_is_deferred(self) -> None:
+    async def test_alias_to_remote_is_queued(self) -> None:
+        # The whole server (mx.tap.build: delivery with the relay queue). The relay's clock
+        # is a Clock nobody advances, so the queued message stays where it is.
+        cfg = make_config(self, listen={"smtp": "tcp:0:interface=127.0.0.1"},
+                          aliases={"fwd@example.test": ["someone@remote.test"]})
+        add_users(cfg, {ALICE: "alice-pw"})
+        mail = await start_mail_service(self, cfg, clock=Clock())
+        out = await self.thread(send, mail.smtp_port, ["fwd@example.test"], b"Subject: fwd\r\n\r\nx\r\n")
+        self.assertReply(out["rcpt"][0], 250)
+        self.assertReply(out["data"], 250)
+        self.assertEqual(all_new_files(cfg.data_dir), [])
+        [entry] = queue_records(cfg.data_dir).values()
+        self.assertEqual(entry.sender, SENDER)
+        self.assertEqual([(r.address, r.original) for r in entry.recipients],
+                         [("someone@remote.test", "fwd@example.test")])
+        body = (cfg.data_dir / "queue" / f"{entry.id}.eml").read_bytes()
+        self.assertTrue(body.startswith(b"Received: from "), body[:80])
+        self.assertTrue(body.endswith(b"\r\nSubject: fwd\r\n\r\nx\r\n"), body[-60:])
+
+    async def test_alias_to_remote_without_relay_queue_is_deferred(self) -> None:
+        # The no-relay wiring (`start_server`: Delivery without a spool, as before the relay
+        # existed): a remote recipient is refused for now, never accepted and lost.
         srv = await self.serve(aliases={"fwd@example.test": ["someone@remote.test"]})
         out = await self.thread(send, srv.port, ["fwd@example.test"], b"x\r\n")
         self.assertReply(out["rcpt"][0], 451, "4.3.0")
