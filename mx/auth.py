@@ -114,9 +114,9 @@ class FailureTracker:
     def delay(self, client: str, connection_failures: int) -> float:
         """Seconds to wait before answering the next attempt (exponential, capped)."""
         n = max(len(self._recent(client)), connection_failures)
-        if n < self.free:
+        if n <= self.free:
             return 0.0
-        return min(self.max_delay, 2.0 ** (n - self.free))
+        return min(self.max_delay, 2.0 ** (n - self.free - 1))
 
     def blocked(self, client: str) -> bool:
         return len(self._recent(client)) >= self.block_after

@@ -491,6 +491,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.tls_active = True
         self._reset_transaction()
         self.helo, self.esmtp, self.state = "", False, State.GREETED
+        self.user, self._sasl = None, None  # an AUTH from before TLS does not count either
         return None
 
     # -- AUTH (RFC 4954) ---------------------------------------------------------------
