@@ -59,14 +59,11 @@ def _parser() -> argparse.ArgumentParser:
 
     user = commands.add_parser("user", help="manage users (add, passwd, del, list)")
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
-    for name, handler, text in (
+    _actions(user_commands, "address", "ADDRESS", (
         ("add", cmd_user_add, "create a user; password from a prompt or one line on stdin"),
         ("passwd", cmd_user_passwd, "set a user's password; from a prompt or one line on stdin"),
         ("del", cmd_user_del, "delete a user (the Maildir stays)"),
-    ):
-        action = user_commands.add_parser(name, help=text)
-        action.add_argument("address", metavar="ADDRESS")
-        action.set_defaults(handler=handler)
+    ))
     user_commands.add_parser("list", help="list users, one address a line").set_defaults(
         handler=cmd_user_list)
 
@@ -75,16 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     listing = queue_commands.add_parser("list", help="one row per queued message")
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     listing.set_defaults(handler=cmd_queue_list)
-    for name, handler, text in (
+    _actions(queue_commands, "id", "ID", (
         ("show", cmd_queue_show, "a queued message's envelope, state and headers"),
         ("delete", cmd_queue_delete, "remove a message from the queue (no bounce is sent)"),
-    ):
-        action = queue_commands.add_parser(name, help=text)
-        action.add_argument("id", metavar="ID")
-        action.set_defaults(handler=handler)
+    ))
     queue_commands.add_parser("flush", help="the running server retries every queued message now").set_defaults(
         handler=cmd_queue_flush)
     return parser
+
+
+def _actions(commands: argparse._SubParsersAction, dest: str, metavar: str,
+             items: Sequence[tuple[str, Callable[[Config, argparse.Namespace], None], str]]) -> None:
+    """Sub-commands that take one positional argument."""
+    for name, handler, text in items:
+        action = commands.add_parser(name, help=text)
+        action.add_argument(dest, metavar=metavar)
+        action.set_defaults(handler=handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,10 +103,7 @@ class IncomingMessage:
         self.finish()
         self._chunks = []
         if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            unlink_quietly(self.path)
             self.path = None
 
 
