@@ -282,6 +282,16 @@ class DeliveryTests(Base):
         self.assertReply(out["rcpt"][0], 550, "5.1.1")
         self.assertEqual(all_new_files(srv.config.data_dir), [])
 
+    async def test_path_tricks_in_addresses(self) -> None:
+        # Local parts that would step outside the Maildir tree are just unknown users, and
+        # nothing is created outside <data_dir>/mail.
+        srv = await self.serve()
+        for rcpt in ("../alice@example.test", "..@example.test", '"../../etc"@example.test', "a/../../x@example.test"):
+            out = await self.thread(send, srv.port, [rcpt], b"x\r\n")
+            self.assertIn(out["rcpt"][0][0], (550, 501), rcpt)
+        self.assertEqual(all_new_files(srv.config.data_dir), [])
+        self.assertEqual(sorted(p.name for p in srv.config.data_dir.iterdir() if p.name != "users"), [])
+
     async def test_relay_denied(self) -> None:
         srv = await self.serve()
         out = await self.thread(send, srv.port, ["someone@elsewhere.test", ALICE], b"Subject: x\r\n\r\nx\r\n")
