@@ -160,7 +160,21 @@ class QueueWrite:
     parts: tuple[bytes | Path, ...]
 
 
-Job = Sequence[maildir.Delivery | QueueWrite]
+@dataclass(frozen=True, slots=True)
+class QueueUpdate:
+    """A new state for an existing relay-queue entry."""
+
+    entry: QueueEntry
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRemove:
+    """A finished relay-queue entry to delete."""
+
+    entry_id: str
+
+
+Job = Sequence[maildir.Delivery | QueueWrite | QueueUpdate | QueueRemove]
 
 
 def commit_batch(jobs: Sequence[Job], known: set[Path], spool: Spool | None) -> list[BaseException | list[Path]]:
@@ -173,25 +187,37 @@ def commit_batch(jobs: Sequence[Job], known: set[Path], spool: Spool | None) -> 
     """
     results: list[BaseException | list[Path]] = [[] for _ in jobs]
     staged: list[list[Staged]] = [[] for _ in jobs]
+    folders: list[set[Path]] = [set() for _ in jobs]
+    removals: list[list[str]] = [[] for _ in jobs]
     for i, job in enumerate(jobs):
         try:
             for item in job:
                 if isinstance(item, maildir.Delivery):
                     staged[i].append(maildir.stage_copy(item, known))
-                else:
-                    assert spool is not None, "a queue write needs the spool"
+                    continue
+                assert spool is not None, "queue work needs the spool"
+                if isinstance(item, QueueWrite):
                     staged[i].extend(spool.stage_new(item.entry, item.parts))
+                elif isinstance(item, QueueUpdate):
+                    staged[i].append(spool.stage_update(item.entry))
+                else:
+                    removals[i].append(item.entry_id)  # after every rename: see below
         except Exception as e:  # noqa: BLE001 - one job's disk error must not fail the batch
             results[i] = e
-    folders: list[set[Path]] = [set() for _ in jobs]
     for phase in (durable_sync, publish):
         for i, job in enumerate(jobs):
             if isinstance(results[i], BaseException):
                 continue
             try:
-                folders[i] = phase(staged[i]) or set()
+                folders[i] |= phase(staged[i]) or set()
             except Exception as e:  # noqa: BLE001
                 results[i] = e
+    # Removals last, so a state update earlier in the batch cannot bring a removed entry back.
+    for i, ids in enumerate(removals):
+        if ids and spool is not None and not isinstance(results[i], BaseException):
+            for entry_id in ids:
+                spool.unlink_entry(entry_id)
+            folders[i].add(spool.root)
     bad: dict[Path, BaseException] = {}
     for folder in set().union(*folders):
         try:
@@ -369,6 +395,14 @@ class Delivery:
             return failure
 
         return self._committer.submit(job).addCallbacks(stored, failed)
+
+    def save_queue_entry(self, entry: QueueEntry) -> Deferred[list[Path]]:
+        """Persist a relay-queue state change (grouped with other disk work)."""
+        return self._committer.submit([QueueUpdate(entry)])
+
+    def remove_queue_entry(self, entry_id: str) -> Deferred[list[Path]]:
+        """Delete a finished relay-queue entry, durably."""
+        return self._committer.submit([QueueRemove(entry_id)])
 
     def submit_generated(
         self, msgid: str, sender: str, recipient: Address, destinations: tuple[Destination, ...], data: bytes, kind: str

@@ -30,6 +30,7 @@ class Staged:
     final: Path
     fd: int | None = None
     size: int = 0
+    replaces: bool = False  # `final` exists already and must survive a failed commit
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -101,7 +102,8 @@ def discard(staged: Sequence[Staged]) -> None:
                 pass
             s.fd = None
         unlink_quietly(s.tmp)
-        unlink_quietly(s.final)
+        if not s.replaces:
+            unlink_quietly(s.final)
 
 
 def publish(staged: Sequence[Staged]) -> set[Path]:

@@ -211,7 +211,7 @@ class Relay(service.Service):
         if self.entries.pop(entry_id, None) is None:
             return Deferred.fromCoroutine(_false())
         log.info("deleted {msgid} from the queue by the operator", msgid=entry_id)
-        return deferToThreadPool(self.reactor, self.pool, self.spool.remove, entry_id).addCallback(lambda _: True)
+        return self.delivery.remove_queue_entry(entry_id).addCallback(lambda _: True)
 
     def wait_idle(self) -> Deferred[None]:
         """Fires when no attempt is running or being recorded (tests, tools)."""
@@ -501,7 +501,7 @@ class Relay(service.Service):
             self.entries[entry.id] = entry
         if not entry.pending:
             self.entries.pop(entry.id, None)
-            await deferToThreadPool(self.reactor, self.pool, self.spool.remove, entry.id)
+            await self.delivery.remove_queue_entry(entry.id)
         elif owed:
             await self._save(entry)
 
@@ -509,7 +509,7 @@ class Relay(service.Service):
         """Persist an entry's state, unless the operator deleted it meanwhile."""
         if entry.id not in self.entries:
             return Deferred.fromCoroutine(_false()).addCallback(lambda _: None)
-        return deferToThreadPool(self.reactor, self.pool, self.spool.save, entry)
+        return self.delivery.save_queue_entry(entry).addCallback(lambda _: None)
 
     async def _notify(self, entry: QueueEntry, recipients: Sequence[RecipientState], *, delay: bool) -> None:
         """A failure or delay DSN to the sender; failed bounces go to the postmaster once."""

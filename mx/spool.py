@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -132,13 +133,24 @@ class Spool:
             raise
         return staged
 
+    def stage_update(self, entry: QueueEntry) -> Staged:
+        """A new state record under a temporary name; publishing replaces the old one."""
+        record = self.record_path(entry.id)
+        staged = stage(record.with_name(f".{record.name}.{secrets.token_hex(4)}.tmp"), record, [entry.to_json()])
+        staged.replaces = True
+        return staged
+
+    def unlink_entry(self, queue_id: str) -> None:
+        """Remove a finished entry's files (record first); the caller fsyncs the folder."""
+        unlink_quietly(self.record_path(queue_id))
+        unlink_quietly(self.body_path(queue_id))
+
     def save(self, entry: QueueEntry) -> None:
         """Persist a state change atomically and durably."""
         atomic_write(self.record_path(entry.id), entry.to_json())
 
     def remove(self, queue_id: str) -> None:
-        unlink_quietly(self.record_path(queue_id))
-        unlink_quietly(self.body_path(queue_id))
+        self.unlink_entry(queue_id)
         fsync_dir(self.root)
 
     def load(self, queue_id: str) -> QueueEntry | None:
