@@ -46,7 +46,8 @@ log = Logger()
 # msg/s, 2 -> 1056/1122 with the lowest p99, 4 -> 993/1078 with p99 128 ms: more parallel
 # batches group fewer messages each and cost more thread trips.
 MAX_BATCHES = 2
-SPILL_THRESHOLD = 1 << 20  # bytes kept in memory before a message is streamed to disk
+SPILL_THRESHOLD = 1 << 20
+SPILL_PREFIX = "incoming."  # bytes kept in memory before a message is streamed to disk
 
 _ids = itertools.count()
 
@@ -54,6 +55,20 @@ _ids = itertools.count()
 def new_message_id() -> str:
     """A short unique, roughly time-ordered id for logs, Received headers and the queue."""
     return f"{int(time.time() * 1000):x}{os.getpid() & 0xFFFF:04x}{next(_ids) & 0xFFFFF:05x}".upper()
+
+
+def remove_spilled(spill_dir: Path) -> int:
+    """Delete spill files left by a previous run (in a disk thread, at start-up)."""
+    removed = 0
+    try:
+        names = os.listdir(spill_dir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(SPILL_PREFIX):
+            unlink_quietly(spill_dir / name)
+            removed += 1
+    return removed
 
 
 class IncomingMessage:
@@ -83,7 +98,7 @@ class IncomingMessage:
 
     def _spill(self) -> None:
         self._spill_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="incoming.", dir=self._spill_dir)
+        fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=self._spill_dir)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         self.path = Path(name)
         for chunk in self._chunks:

@@ -29,7 +29,7 @@ from mx import config as configmod
 from mx.config import Config
 from mx.auth import Authenticator
 from mx.control import POLL_INTERVAL, ServerLock, read_requests
-from mx.delivery import Delivery
+from mx.delivery import Delivery, remove_spilled
 from mx.dns import Resolver
 from mx.durable import unlink_quietly
 from mx.relay import Relay
@@ -129,6 +129,8 @@ class MailService(service.MultiService):
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.pool.start()
         self.auth_pool.start()
+        # Messages half-received when the last run stopped: nobody was told 250 for them.
+        deferToThreadPool(self.reactor, self.pool, remove_spilled, self.delivery.spill_dir)
         self.relay.startService()
         self.control.start(POLL_INTERVAL, now=False)
         super().startService()
