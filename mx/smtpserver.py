@@ -103,7 +103,6 @@ class SMTPServerFactory(ServerFactory):
         tls: ServerTLS | None = None,
         implicit_tls: bool = False,
         authenticator: Authenticator | None = None,
-        wake: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -115,7 +114,6 @@ class SMTPServerFactory(ServerFactory):
         # Submission ports (RFC 6409): AUTH, then relay anywhere; port 25 never offers AUTH.
         self.submission = kind in ("submission", "submissions")
         self.authenticator = authenticator if self.submission else None
-        self.wake = wake
         self.per_ip: Counter[str] = Counter()
         self.connections: set[SMTPServerProtocol] = set()
         self.shutting_down = False
@@ -458,9 +456,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         return d.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(env, end.size), errbackArgs=(env,))
 
     def _accepted(self, _files: object, env: Envelope, size: int) -> Reply:
-        # Delivery.commit logged the message; here only the reply and the wake-up.
-        if self.factory.wake is not None:
-            self.factory.wake()
+        # Delivery.commit logged the message and told the relay of any queue entry.
         return Reply(250, "2.0.0", f"OK id={env.msgid}")
 
     def _not_accepted(self, failure: Failure, env: Envelope) -> Reply:
