@@ -315,7 +315,10 @@ class Relay(service.Service):
                     self._part_done(work.entry_id)
         finally:
             if conn is not None:
-                await conn.quit()
+                if self._stopping:
+                    conn.abort()  # shutting down: no polite QUIT that could wait its timeout
+                else:
+                    await conn.quit()
             self._workers[dest] -= 1
             self._active -= 1
             if not self._queues[dest]:
@@ -352,16 +355,20 @@ class Relay(service.Service):
             return conn  # deleted by the operator meanwhile
         outcomes: dict[str, _Outcome] = {}
         try:
-            if conn is None:
+            result = None
+            if conn is not None:
+                try:
+                    result = await self._send(conn, entry, work)
+                except SMTPClientError as e:
+                    if e.stage != "connect":
+                        raise
+                    # The reused connection died while idle (the remote's timeout): that
+                    # says nothing about this message, so try a fresh connection.
+                    conn.abort()
+                    conn = None
+            if result is None:
                 conn = await self._open(work.domain)
-            result = await conn.send(
-                entry.sender,
-                work.addresses,
-                self.spool.body_path(entry.id),
-                size=entry.size,
-                eight_bit=entry.eight_bit,
-                smtputf8=entry.smtputf8,
-            )
+                result = await self._send(conn, entry, work)
             for address in work.addresses:
                 outcomes[address] = _Outcome.from_reply(result.outcome(address), conn.peer_name)
         except SMTPClientError as e:
@@ -378,6 +385,16 @@ class Relay(service.Service):
             outcomes = dict.fromkeys(work.addresses, _Outcome(450, "4.4.6", str(e)))
         await self._record(entry.id, outcomes)
         return conn
+
+    def _send(self, conn: SMTPClientConnection, entry: QueueEntry, work: _Work) -> Any:
+        return conn.send(
+            entry.sender,
+            work.addresses,
+            self.spool.body_path(entry.id),
+            size=entry.size,
+            eight_bit=entry.eight_bit,
+            smtputf8=entry.smtputf8,
+        )
 
     async def _open(self, domain: str) -> SMTPClientConnection:
         """Connect to the first MX host (or the smarthost) that answers well."""
