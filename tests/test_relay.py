@@ -295,6 +295,31 @@ class RoutingTests(RelayTestCase):
         self.assertEqual(self.notices(), [])
 
 
+class ConnectionReuseTests(RelayTestCase):
+    async def test_reused_connection_closed_by_remote_is_replaced(self) -> None:
+        # One connection per destination: the second message is sent over the first one's
+        # connection, which the remote has closed meanwhile. That must cost a reconnect,
+        # not a deferral.
+        await self.start(self.make(), per_destination=1)
+        first, second = await self.send(subject="one"), await self.send(subject="two")
+        await self.advance()  # no remote yet: both deferred
+        self.assertDeferred(first, "refused")
+        self.assertDeferred(second, "refused")
+
+        class ClosesAfterEachMessage(RemoteHandler):
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                import asyncio
+
+                reply = await super().handle_DATA(server, session, envelope)
+                asyncio.get_running_loop().call_soon(server.transport.close)
+                return reply
+
+        mx1 = self.remote(handler=ClosesAfterEachMessage(MX1))
+        await self.advance(120)
+        self.assertEqual(len(mx1.messages), 2)
+        self.assertQueueEmpty()
+
+
 class OutcomeTests(RelayTestCase):
     async def test_4xx_then_success_after_recovery(self) -> None:
         mx1 = self.remote()
