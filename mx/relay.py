@@ -362,8 +362,9 @@ class Relay(service.Service):
                 except SMTPClientError as e:
                     if e.stage != "connect":
                         raise
-                    # The reused connection died while idle (the remote's timeout): that
-                    # says nothing about this message, so try a fresh connection.
+                    # The remote closed the reused connection after the last transaction
+                    # (a per-connection limit, an idle timeout): that says nothing about this
+                    # message, so try a fresh connection.
                     conn.abort()
                     conn = None
             if result is None:
