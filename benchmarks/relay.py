@@ -191,11 +191,7 @@ class RelayMx(MxServer):
 
     def rss_mib(self):
         """Current resident set (VmRSS), MiB: what the loaded queue really holds."""
-        try:
-            with open("/proc/%d/status" % self.proc.pid) as f:
-                return next(int(l.split()[1]) / 1024.0 for l in f if l.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            return float("nan")
+        return self.status_mib("VmRSS")
 
     def queue_records(self):
         try:

@@ -169,12 +169,16 @@ class Server:
         except (OSError, IndexError):
             return float("nan")
 
-    def peak_rss_mib(self):
+    def status_mib(self, field):
+        """A memory figure of the server from /proc/<pid>/status (VmHWM, VmRSS), in MiB."""
         try:
             with open("/proc/%d/status" % self.proc.pid) as f:
-                return next(int(l.split()[1]) / 1024.0 for l in f if l.startswith("VmHWM:"))
+                return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith(field + ":"))
         except (OSError, StopIteration):
             return float("nan")
+
+    def peak_rss_mib(self):
+        return self.status_mib("VmHWM")
 
     def log_tail(self, n=4000):
         return open(self.log_path, "rb").read()[-n:].decode("utf-8", "replace")
