@@ -20,14 +20,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mx.address import is_safe_mailbox_name
 from mx.durable import Staged, fsync_dir, stage
 
-__all__ = ["MaildirError", "Delivery", "mailbox_path", "ensure_maildir", "stage_copy", "iter_new", "SUBDIRS"]
+__all__ = ["MaildirError", "Delivery", "mailbox_path", "ensure_maildir", "stage_copy", "SUBDIRS"]
 
 SUBDIRS = ("tmp", "new", "cur")
 _counter = itertools.count()
@@ -110,11 +109,3 @@ def stage_copy(d: Delivery, known: set[Path]) -> Staged:
     # Dovecot reads the size from ",S=" in the name; it is known only now.
     staged.final = d.maildir / "new" / f"{tmp.name.rsplit(',S=', 1)[0]},S={staged.size}"
     return staged
-
-
-def iter_new(maildir: Path) -> Iterable[Path]:
-    """Files in `new/` (for tests and tools)."""
-    try:
-        return sorted((maildir / "new").iterdir())
-    except FileNotFoundError:
-        return []

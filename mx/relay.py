@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -209,7 +209,7 @@ class Relay(service.Service):
     def delete(self, entry_id: str) -> Deferred[bool]:
         """Remove a message from the queue (`mx queue delete`); False if unknown."""
         if self.entries.pop(entry_id, None) is None:
-            return Deferred.fromCoroutine(_false())
+            return succeed(False)
         log.info("deleted {msgid} from the queue by the operator", msgid=entry_id)
         return self.delivery.remove_queue_entry(entry_id).addCallback(lambda _: True)
 
@@ -526,7 +526,7 @@ class Relay(service.Service):
     def _save(self, entry: QueueEntry) -> Deferred[None]:
         """Persist an entry's state, unless the operator deleted it meanwhile."""
         if entry.id not in self.entries:
-            return Deferred.fromCoroutine(_false()).addCallback(lambda _: None)
+            return succeed(None)
         return self.delivery.save_queue_entry(entry).addCallback(lambda _: None)
 
     async def _notify(self, entry: QueueEntry, recipients: Sequence[RecipientState], *, delay: bool) -> None:
@@ -631,6 +631,3 @@ def _read_head(path: Any, limit: int = 256 * 1024) -> bytes:
     except OSError:
         return b""
 
-
-async def _false() -> bool:
-    return False
