@@ -6,8 +6,11 @@ fsynced, and only then may the caller say 250; then the relay is told of the new
 
 Invariants:
 - Disk work runs in the disk thread pool, never on the reactor thread.
-- Concurrent commits are grouped (group commit): while one batch is on disk the next
-  requests wait and go together, so directory fsyncs and thread hand-offs are shared.
+- Concurrent commits are grouped (group commit, `mx.commit`): while one batch is on disk
+  the next requests wait and go together, so directory fsyncs and thread hand-offs are
+  shared; work for one queue id is never in two batches at once.
+- After a commit: the relay hears of a new queue entry (`on_queued`) and readers of the
+  mailboxes that got a copy hear of it (`on_delivered`, e.g. IMAP IDLE sessions).
 - A message being received is kept in memory up to `SPILL_THRESHOLD` and streamed to a
   file under `<data_dir>/tmp/` beyond it, so a large message never sits whole in memory.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import email.utils
 import itertools
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -25,36 +29,47 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mx import maildir
 from mx.address import Address, parse_address
+from mx.commit import GroupCommitter, QueueRemove, QueueUpdate, QueueWrite
 from mx.config import Config
-from mx.durable import Staged, discard, fsync_dir, publish, unlink_quietly
-from mx.durable import sync as durable_sync
+from mx.durable import unlink_quietly
 from mx.routing import Destination, LocalRecipient
 from mx.spool import QueueEntry, RecipientState, Spool
 
-__all__ = ["IncomingMessage", "Envelope", "Delivery", "GroupCommitter", "new_message_id"]
+__all__ = ["IncomingMessage", "Envelope", "Delivery", "new_message_id"]
 
 log = Logger()
 
-# Batches on disk at once. Measured (benchmarks/smtp_accept.py, 4 KiB, C=10/50): 1 -> 907/1063
-# msg/s, 2 -> 1056/1122 with the lowest p99, 4 -> 993/1078 with p99 128 ms: more parallel
-# batches group fewer messages each and cost more thread trips.
-MAX_BATCHES = 2
 SPILL_THRESHOLD = 1 << 20
 SPILL_PREFIX = "incoming."  # bytes kept in memory before a message is streamed to disk
 
-_ids = itertools.count()
+class _IdSource:
+    """Queue ids: unique without the pid (containers all run as pid 1) and without trusting
+    the clock (it may step back across a restart, or within one run).
+
+    An id is the time in milliseconds (never going backwards within a process), a counter,
+    and 40 random bits drawn from a generator seeded by the OS at start-up: two processes,
+    or two runs with a clock that stepped back, collide only if 40 random bits do, and even
+    then the queue publishes new records with link(), which refuses an existing name.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, seed: bytes | None = None) -> None:
+        self._clock = clock
+        self._random = random.Random(seed if seed is not None else os.urandom(16))
+        self._last = 0
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        self._last = max(self._last, int(self._clock() * 1000))
+        return f"{self._last:011X}{next(self._count) & 0xFFF:03X}{self._random.getrandbits(40):010X}"
 
 
-def new_message_id() -> str:
-    """A short unique, roughly time-ordered id for logs, Received headers and the queue."""
-    return f"{int(time.time() * 1000):x}{os.getpid() & 0xFFFF:04x}{next(_ids) & 0xFFFFF:05x}".upper()
+new_message_id = _IdSource()  # a short unique, roughly time-ordered id for logs, Received headers, the queue
 
 
 def remove_spilled(spill_dir: Path) -> int:
@@ -167,142 +182,6 @@ def trace_headers(
     return "".join(lines).encode("utf-8")
 
 
-@dataclass(frozen=True, slots=True)
-class QueueWrite:
-    """A new relay-queue entry with the parts of its message file."""
-
-    entry: QueueEntry
-    parts: tuple[bytes | Path, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class QueueUpdate:
-    """A new state for an existing relay-queue entry."""
-
-    entry: QueueEntry
-
-
-@dataclass(frozen=True, slots=True)
-class QueueRemove:
-    """A finished relay-queue entry to delete."""
-
-    entry_id: str
-
-
-Job = Sequence[maildir.Delivery | QueueWrite | QueueUpdate | QueueRemove]
-
-
-def commit_batch(jobs: Sequence[Job], known: set[Path], spool: Spool | None) -> list[BaseException | list[Path]]:
-    """Store several messages at once (group commit), in a disk thread; one result per job.
-
-    Each job (all the copies of one message) succeeds as a whole (the published paths) or
-    fails as a whole (the exception; everything it wrote removed). Phases: write every file,
-    fsync every file (the first fsync commits the file system journal for all of them, so
-    the others cost little), rename them into place, fsync each folder once.
-    """
-    results: list[BaseException | list[Path]] = [[] for _ in jobs]
-    staged: list[list[Staged]] = [[] for _ in jobs]
-    folders: list[set[Path]] = [set() for _ in jobs]
-    removals: list[list[str]] = [[] for _ in jobs]
-    for i, job in enumerate(jobs):
-        try:
-            for item in job:
-                if isinstance(item, maildir.Delivery):
-                    staged[i].append(maildir.stage_copy(item, known))
-                    continue
-                assert spool is not None, "queue work needs the spool"
-                if isinstance(item, QueueWrite):
-                    staged[i].extend(spool.stage_new(item.entry, item.parts))
-                elif isinstance(item, QueueUpdate):
-                    staged[i].append(spool.stage_update(item.entry))
-                else:
-                    removals[i].append(item.entry_id)  # after every rename: see below
-        except Exception as e:  # noqa: BLE001 - one job's disk error must not fail the batch
-            results[i] = e
-    for phase in (durable_sync, publish):
-        for i, job in enumerate(jobs):
-            if isinstance(results[i], BaseException):
-                continue
-            try:
-                folders[i] |= phase(staged[i]) or set()
-            except Exception as e:  # noqa: BLE001
-                results[i] = e
-    # Removals last, so a state update earlier in the batch cannot bring a removed entry back.
-    for i, ids in enumerate(removals):
-        if ids and spool is not None and not isinstance(results[i], BaseException):
-            for entry_id in ids:
-                spool.unlink_entry(entry_id)
-            folders[i].add(spool.root)
-    bad: dict[Path, BaseException] = {}
-    for folder in set().union(*folders):
-        try:
-            fsync_dir(folder)
-        except OSError as e:
-            bad[folder] = e
-    for i, job in enumerate(jobs):
-        hit = next((bad[f] for f in folders[i] if f in bad), None)
-        if hit is not None:
-            results[i] = hit
-        if isinstance(results[i], BaseException):
-            _undo(job, staged[i], known, spool)
-        else:
-            results[i] = [s.final for s in staged[i]]
-    return results
-
-
-def _undo(job: Job, staged: Sequence[Staged], known: set[Path], spool: Spool | None) -> None:
-    discard(staged)
-    for item in job:
-        if isinstance(item, QueueWrite) and spool is not None:
-            unlink_quietly(spool.body_path(item.entry.id))
-        elif isinstance(item, maildir.Delivery):
-            known.discard(item.maildir)
-
-
-class GroupCommitter:
-    """Runs `commit_batch` in the disk pool, all waiting jobs together per thread trip."""
-
-    def __init__(self, reactor: Any, pool: ThreadPool, spool: Spool | None, max_batches: int = MAX_BATCHES) -> None:
-        self._reactor = reactor
-        self._pool = pool
-        self._spool = spool
-        self._max_batches = max_batches
-        self._running = 0
-        self._pending: list[tuple[Job, Deferred[list[Path]]]] = []
-        self._known: set[Path] = set()
-
-    def submit(self, job: Job) -> Deferred[list[Path]]:
-        d: Deferred[list[Path]] = Deferred()
-        self._pending.append((job, d))
-        self._kick()
-        return d
-
-    def _kick(self) -> None:
-        while self._pending and self._running < self._max_batches:
-            batch, self._pending = self._pending, []
-            self._running += 1
-            jobs = [job for job, _d in batch]
-            waiting = [d for _job, d in batch]
-            try:
-                run = deferToThreadPool(self._reactor, self._pool, commit_batch, jobs, self._known, self._spool)
-            except Exception:
-                # e.g. the pool is stopped: every waiting client must still get its 451
-                self._done(Failure(), waiting)
-                return
-            run.addBoth(self._done, waiting)
-
-    def _done(self, results: list[Any] | Failure, waiting: list[Deferred[list[Path]]]) -> None:
-        self._running -= 1
-        for i, d in enumerate(waiting):
-            if isinstance(results, Failure):
-                d.errback(results)
-            elif isinstance(results[i], BaseException):
-                d.errback(Failure(results[i]))
-            else:
-                d.callback(results[i])
-        self._kick()
-
-
 class Delivery:
     """Puts accepted messages into storage, durably, and says when it is done."""
 
@@ -313,12 +192,14 @@ class Delivery:
         pool: ThreadPool,
         spool: Spool | None = None,
         on_queued: Callable[[QueueEntry], None] | None = None,
+        on_delivered: Callable[[tuple[LocalRecipient, ...]], None] | None = None,
     ) -> None:
         self._config = config
         self._reactor = reactor
         self._mail_root = config.data_dir / "mail"
         self._spool = spool
         self._on_queued = on_queued
+        self.on_delivered = on_delivered  # readers (IMAP IDLE, POP3) of these mailboxes wake up
         self._committer = GroupCommitter(reactor, pool, spool)
         self.spill_dir = config.data_dir / "tmp"
         self._paths: dict[LocalRecipient, Path] = {}
@@ -403,6 +284,8 @@ class Delivery:
             )
             if entry is not None and self._on_queued is not None:
                 self._on_queued(entry)
+            if local and self.on_delivered is not None:
+                self.on_delivered(tuple(local))
             return files
 
         def failed(failure: Failure) -> Failure:

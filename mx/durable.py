@@ -3,8 +3,9 @@
 Storage modules (`maildir`, `spool`, `users`) build on these; nothing here imports Twisted.
 
 Invariants:
-- A file is written under a temporary name, fsynced, then renamed to its final name; the
-  rename is durable only after the folder itself is fsynced (ext4/XFS semantics).
+- A file is written under a temporary name, fsynced, then renamed (or, when it must not
+  replace anything, linked) to its final name; that is durable only after the folder itself
+  is fsynced (ext4/XFS semantics).
 - `stage` + `sync` + `publish` split that up so a caller can write many files, fsync them
   all (the first fsync commits the journal for the others, so the rest cost little), rename
   them all and fsync each folder once (group commit); `atomic_write` is the one-file form.
@@ -31,6 +32,8 @@ class Staged:
     fd: int | None = None
     size: int = 0
     replaces: bool = False  # `final` exists already and must survive a failed commit
+    exclusive: bool = False  # `final` must not exist: published with link(), never rename()
+    published: bool = False  # `final` is ours now (a failed commit removes it again)
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -102,19 +105,28 @@ def discard(staged: Sequence[Staged]) -> None:
                 pass
             s.fd = None
         unlink_quietly(s.tmp)
-        if not s.replaces:
+        if s.published and not s.replaces:
             unlink_quietly(s.final)
+        s.published = False
 
 
 def publish(staged: Sequence[Staged]) -> set[Path]:
-    """Rename every (synced) staged file into place, in order; return the folders that now
-    need an fsync. If a rename fails, everything is removed again and the error raised:
+    """Move every (synced) staged file into place, in order; return the folders that now
+    need an fsync. An `exclusive` file is linked (link() fails if the name exists, where
+    rename() would silently replace it) and its temporary name removed; others are renamed.
+    If one fails, everything this call published is removed again and the error raised:
     the caller's job then failed as a whole.
     """
     try:
         for s in staged:
             assert s.fd is None, "publish after sync"
-            os.rename(s.tmp, s.final)
+            if s.exclusive:
+                os.link(s.tmp, s.final)
+                s.published = True
+                os.unlink(s.tmp)
+            else:
+                os.rename(s.tmp, s.final)
+                s.published = True
     except BaseException:
         discard(staged)
         raise

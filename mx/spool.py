@@ -7,8 +7,9 @@ message exist: a body without a record is debris from a crash and is removed at 
 Runs in a disk thread (blocking file I/O, no Twisted here).
 
 Invariants:
-- A new message is published by renaming its fsynced record into place after its fsynced
-  body; the folder fsync (shared by a batch) makes it durable. Only then is 250 sent.
+- A new message is published by linking its fsynced record into place after its fsynced
+  body (link, not rename: an id that exists already fails instead of replacing another
+  message); the folder fsync (shared by a batch) makes it durable. Only then is 250 sent.
 - Every state change rewrites the record atomically (temp, fsync, rename, fsync folder), so
   a crash leaves either the old or the new state, never a mix, and never loses a recipient.
 - A record is removed only once no recipient is pending and every bounce owed was made; a
@@ -131,6 +132,8 @@ class Spool:
         except BaseException:
             discard(staged)
             raise
+        for s in staged:
+            s.exclusive = True  # a new message never replaces another's files
         return staged
 
     def stage_update(self, entry: QueueEntry) -> Staged:
