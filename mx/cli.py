@@ -31,7 +31,7 @@ from mx.address import AddressError, parse_address
 from mx.config import Config, ConfigError, default_path, describe, load
 from mx.control import server_running, write_request
 from mx.durable import unlink_quietly
-from mx.spool import QueueEntry, Spool, SpoolError, check_id
+from mx.spool import PENDING, QueueEntry, Spool, SpoolError, check_id
 from mx.users import UsersError, hash_password, normalise_user, read_users, write_users
 
 __all__ = ["main"]
@@ -174,7 +174,12 @@ def _entries(config: Config) -> list[QueueEntry]:
         return []
     entries = []
     for name in names:
-        entry = spool.load(name[:-5])
+        try:
+            entry = spool.load(name[:-5])
+        except (SpoolError, OSError) as e:
+            # One broken record must not hide the rest of the queue.
+            print(f"mx: skipped queue record {name}: {e}", file=sys.stderr)
+            continue
         if entry is not None and entry.pending:
             entries.append(entry)
     return sorted(entries, key=lambda e: e.arrival)
@@ -240,7 +245,7 @@ def cmd_queue_show(config: Config, args: argparse.Namespace) -> None:
     print(f"arrival: {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(entry.arrival))}")
     print(f"delay warning sent: {'yes' if entry.delay_warned else 'no'}")
     for r in entry.recipients:
-        nxt = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.next_attempt)) if r.status == "pending" else "-"
+        nxt = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.next_attempt)) if r.status == PENDING else "-"
         print(f"recipient: <{r.address}> {r.status}, {r.attempts} attempts, next {nxt}")
         if r.last_error:
             print(f"  last: {r.last_error}")

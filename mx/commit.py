@@ -159,6 +159,18 @@ class GroupCommitter:
         self._pending: list[tuple[Job, frozenset[str], Deferred[list[Path]]]] = []
         self._on_disk: set[str] = set()  # queue ids in a running batch
         self._known: set[Path] = set()
+        self._holds = 0
+
+    def hold_until(self, d: Deferred[Any]) -> None:
+        """Commit nothing until `d` fires (the relay's start-up load of the queue): jobs wait."""
+        self._holds += 1
+
+        def release(result: Any) -> Any:
+            self._holds -= 1
+            self._kick()
+            return result
+
+        d.addBoth(release)
 
     def submit(self, job: Job) -> Deferred[list[Path]]:
         d: Deferred[list[Path]] = Deferred()
@@ -182,7 +194,7 @@ class GroupCommitter:
         return batch
 
     def _kick(self) -> None:
-        while self._pending and self._running < self._max_batches:
+        while self._pending and self._running < self._max_batches and not self._holds:
             batch = self._take()
             if not batch:
                 return  # everything waits for a running batch

@@ -22,6 +22,7 @@ import re
 import tomllib
 import types
 from dataclasses import dataclass, fields, is_dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -29,11 +30,11 @@ from mx.address import AddressError, parse_address
 
 __all__ = [
     "AuthConfig", "Config", "ConfigError", "DNSConfig", "LimitsConfig", "ListenConfig",
-    "RelayConfig", "TLSConfig", "default_path", "describe", "load", "parse_duration", "parse_size",
+    "RelayConfig", "RelayTLS", "TLSConfig", "default_path", "describe", "load", "parse_duration",
+    "parse_size",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-RELAY_TLS_MODES = ("opportunistic", "required", "off")
 SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 DEFAULT_PATH = Path("etc/mx.toml")
 
@@ -45,6 +46,17 @@ DEFAULT_RETRY = ("1m", "5m", "15m", "30m", "1h", "2h", "4h")
 
 class ConfigError(Exception):
     """The configuration is unusable; `str()` is one line naming the key."""
+
+
+class RelayTLS(StrEnum):
+    """`relay.tls`: STARTTLS towards other MTAs (a str, so it compares equal to its value)."""
+
+    OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered, any certificate (RFC 7672 §1.3)
+    REQUIRED = "required"  # STARTTLS and a certificate valid for the MX name, or no delivery
+    OFF = "off"  # plaintext, even when STARTTLS is offered
+
+
+RELAY_TLS_MODES = tuple(RelayTLS)
 
 
 @dataclass(frozen=True)
@@ -68,16 +80,21 @@ class TLSConfig:
 class AuthConfig:
     users_file: Path
     plaintext_without_tls: tuple[IPNetwork, ...]
+    authenticated_header: bool = False  # name the login in Received: (Postfix: smtpd_sasl_authenticated_header)
 
 
 @dataclass(frozen=True)
 class RelayConfig:
     port: int
     smarthost: tuple[str, int] | None
+    # AUTH at the smarthost: both set or both empty, and only with `smarthost`. The file is
+    # not read here (config stays pure): `mx.smtpclient.smarthost_auth` reads it at start-up.
+    smarthost_user: str
+    smarthost_password_file: Path | None
     retry: tuple[float, ...]
     max_lifetime: float
     delay_warning: float | None
-    tls: str
+    tls: RelayTLS
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class LimitsConfig:
     max_recipients: int
     max_connections_per_ip: int
     idle_timeout: float
+    max_connections: int = 1000  # all services together
 
 
 @dataclass(frozen=True)
@@ -214,15 +232,18 @@ def _build(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
         "tls": (TLSConfig, {"certificate": ("", optional_path), "key": ("", optional_path)}),
         "auth": (AuthConfig, {
             "users_file": (str(data_dir / "users"), path),
-            "plaintext_without_tls": (["127.0.0.0/8", "::1"], _networks)}),
+            "plaintext_without_tls": (["127.0.0.0/8", "::1"], _networks),
+            "authenticated_header": (False, _bool)}),
         "relay": (RelayConfig, {
             "port": (25, _port), "smarthost": ("", _smarthost),
+            "smarthost_user": ("", _smarthost_user), "smarthost_password_file": ("", optional_path),
             "retry": (list(DEFAULT_RETRY), _retry), "max_lifetime": ("5d", _positive_duration),
             "delay_warning": ("4h", _optional_duration), "tls": ("opportunistic", _relay_tls)}),
         "dns": (DNSConfig, {"nameservers": ([], _nameservers), "timeout": ("5s", _positive_duration)}),
         "limits": (LimitsConfig, {
             "max_message_size": ("25MiB", _positive_size), "max_recipients": (100, _positive_int),
-            "max_connections_per_ip": (20, _positive_int), "idle_timeout": ("5m", _positive_duration)}),
+            "max_connections_per_ip": (20, _positive_int), "idle_timeout": ("5m", _positive_duration),
+            "max_connections": (1000, _positive_int)}),
     }
     sections: dict[str, Any] = {}
     for name, (cls, keys) in schema.items():
@@ -234,6 +255,7 @@ def _build(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
     if (sections["tls"].certificate is None) != (sections["tls"].key is None):
         missing, given = ("key", "certificate") if sections["tls"].key is None else ("certificate", "key")
         raise ConfigError(f"tls.{missing}: required when tls.{given} is set")
+    _check_smarthost_auth(sections["relay"])
     aliases = _aliases(_table(raw, "aliases"), local_domains)
     return Config(hostname=hostname, data_dir=data_dir, local_domains=local_domains,
                   postmaster=postmaster, aliases=types.MappingProxyType(aliases), source=source,
@@ -343,6 +365,12 @@ def _aliases(table: Mapping[str, Any], local_domains: tuple[str, ...]) -> dict[s
     return aliases
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_kind(value)}")
+    return value
+
+
 def _positive_int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"must be a positive integer, got {_kind(value)}")
@@ -380,10 +408,27 @@ def _positive_size(value: Any) -> int:
     return size
 
 
-def _relay_tls(value: Any) -> str:
+def _relay_tls(value: Any) -> RelayTLS:
     if _string(value) not in RELAY_TLS_MODES:
-        raise ValueError(f"must be one of {', '.join(map(repr, RELAY_TLS_MODES))}, got {value!r}")
+        raise ValueError(f"must be one of {', '.join(repr(m.value) for m in RelayTLS)}, got {value!r}")
+    return RelayTLS(value)
+
+
+def _smarthost_user(value: Any) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in _string(value)):  # it goes into AUTH PLAIN
+        raise ValueError("must not contain control characters")
     return value
+
+
+def _check_smarthost_auth(relay: RelayConfig) -> None:
+    """Smarthost credentials come as a pair, and only with a smarthost to send them to."""
+    user, password_file = bool(relay.smarthost_user), relay.smarthost_password_file is not None
+    if user != password_file:
+        missing, given = ("smarthost_password_file", "smarthost_user") if user else (
+            "smarthost_user", "smarthost_password_file")
+        raise ConfigError(f"relay.{missing}: required when relay.{given} is set")
+    if user and relay.smarthost is None:
+        raise ConfigError("relay.smarthost_user: credentials need relay.smarthost (they are only sent there)")
 
 
 def _host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -435,6 +480,7 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
 
 _EMPTY_MEANS = {"certificate": "absent: self-signed certificate in data_dir", "key": "the same",
                 "smarthost": "none: deliver to MX hosts", "delay_warning": "disabled",
+                "smarthost_user": "no AUTH at the smarthost", "smarthost_password_file": "no AUTH",
                 "nameservers": "the system resolver", **dict.fromkeys(SERVICES, "disabled")}
 
 
@@ -468,6 +514,8 @@ def _toml(value: Any) -> str:
         return _toml(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return _toml(format_duration(value))
     if isinstance(value, int):

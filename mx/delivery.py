@@ -11,8 +11,11 @@ Invariants:
   shared; work for one queue id is never in two batches at once.
 - After a commit: the relay hears of a new queue entry (`on_queued`) and readers of the
   mailboxes that got a copy hear of it (`on_delivered`, e.g. IMAP IDLE sessions).
-- A message being received is kept in memory up to `SPILL_THRESHOLD` and streamed to a
-  file under `<data_dir>/tmp/` beyond it, so a large message never sits whole in memory.
+- A message being received is kept in memory up to `SPILL_THRESHOLD` (and while all
+  messages together stay within `MEMORY_BUDGET`) and streamed to a file under
+  `<data_dir>/tmp/` beyond it, so a large message never sits whole in memory. The spill file
+  is created, written and removed in the disk pool, in order, with at most `SPILL_BACKLOG`
+  bytes per message waiting for the disk; `commit` is called only after `flushed()`.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -39,14 +46,16 @@ from mx.commit import GroupCommitter, QueueRemove, QueueUpdate, QueueWrite
 from mx.config import Config
 from mx.durable import unlink_quietly
 from mx.routing import Destination, LocalRecipient
-from mx.spool import QueueEntry, RecipientState, Spool
+from mx.spool import Kind, QueueEntry, RecipientState, Spool
 
-__all__ = ["IncomingMessage", "Envelope", "Delivery", "new_message_id"]
+__all__ = ["IncomingMessage", "Envelope", "Delivery", "MemoryBudget", "new_message_id"]
 
 log = Logger()
 
-SPILL_THRESHOLD = 1 << 20
-SPILL_PREFIX = "incoming."  # bytes kept in memory before a message is streamed to disk
+SPILL_THRESHOLD = 1 << 20  # bytes of one message kept in memory before it is streamed to disk
+SPILL_PREFIX = "incoming."  # spill files: <data_dir>/tmp/incoming.*
+SPILL_BACKLOG = 1 << 20  # bytes of one message handed to the disk pool, not yet written: then the sender waits
+MEMORY_BUDGET = 64 << 20  # in-memory message bytes, all connections together; beyond it messages spill early
 
 class _IdSource:
     """Queue ids: unique without the pid (containers all run as pid 1) and without trusting
@@ -86,55 +95,263 @@ def remove_spilled(spill_dir: Path) -> int:
     return removed
 
 
-class IncomingMessage:
-    """The body of a message while it arrives: chunks in memory, spilled to a file if large."""
+class MemoryBudget:
+    """Bytes of incoming messages held in memory, over all connections (`MEMORY_BUDGET`).
+
+    A message that cannot take its next chunk from the budget spills to disk, even below
+    `SPILL_THRESHOLD`: 5,000 clients cannot pin 5 GiB between them.
+    """
+
+    def __init__(self, limit: int = MEMORY_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        assert self.used >= 0, self.used
+
+
+class _Job(Enum):
+    WRITE = "write"
+    CLOSE = "close"
+    REMOVE = "remove"
+
+
+class _SpillFile:
+    """The spill file itself; every method runs in a disk-pool thread, one at a time."""
 
     def __init__(self, spill_dir: Path) -> None:
+        self.dir = spill_dir
+        self.file: Any = None
+        self.path: Path | None = None
+
+    def write(self, chunks: list[bytes]) -> Path:
+        if self.path is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=self.dir)
+            self.path = Path(name)
+            self.file = os.fdopen(fd, "wb", buffering=0)  # our chunks are large: no second buffer
+        for chunk in chunks:
+            self.file.write(chunk)
+        return self.path
+
+    def close(self) -> None:
+        """No fsync: the copies made from this file are fsynced, the file itself never is."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def remove(self) -> None:
+        self.close()
+        if self.path is not None:
+            unlink_quietly(self.path)
+            self.path = None
+
+
+class IncomingMessage:
+    """The body of a message while it arrives: chunks in memory, spilled to a file if large.
+
+    A message made with a disk pool (`Delivery.new_message(stream=True)`) spills once it
+    passes `SPILL_THRESHOLD` or the shared `MemoryBudget` is used up. The file is created,
+    written, closed and removed in the disk pool, one job at a time per message (writes stay
+    in order; queued chunks are batched into one job). Then:
+
+    - `write(data)` returns None, or a Deferred when more than `SPILL_BACKLOG` bytes wait for
+      the disk: the caller stops feeding (pauses its transport) until it fires.
+    - `flushed()` fires when every byte is in the closed file (or fails with the write
+      error); only then may `Delivery.commit` read `path`. `finish()` is then a no-op.
+    - `discard()` forgets the bytes and removes the file (in the pool); its Deferred fires
+      when the file is gone. It may be called at any time, more than once.
+
+    Without a pool (a message mx wrote itself, already whole in memory) nothing spills and
+    everything above is synchronous.
+    """
+
+    def __init__(
+        self,
+        spill_dir: Path,
+        *,
+        reactor: IReactorFromThreads | None = None,
+        pool: ThreadPool | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self._spill_dir = spill_dir
+        self._reactor = reactor
+        self._pool = pool if reactor is not None else None
+        self._budget = budget
         self._chunks: list[bytes] = []
         self._size = 0
-        self._file: Any = None
-        self.path: Path | None = None
+        self._held = 0  # bytes of _chunks taken from the budget
+        self.path: Path | None = None  # the spill file, once its first write is done
+        # spilling: everything below is only used once the message goes to disk
+        self._disk: _SpillFile | None = None
+        self._queue: list[bytes] = []
+        self._backlog = 0  # bytes queued or being written
+        self._in_flight = False
+        self._want_close = False
+        self._closed = False
+        self._want_remove = False
+        self._removed = False
+        self._error: Failure | None = None
+        self._drain_waiters: list[Deferred[None]] = []
+        self._flush_waiters: list[Deferred[None]] = []
+        self._remove_waiters: list[Deferred[None]] = []
 
     @property
     def size(self) -> int:
         return self._size
 
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        self._size += len(data)
-        if self._file is not None:
-            self._file.write(data)
-            return
-        self._chunks.append(data)
-        if self._size > SPILL_THRESHOLD:
-            self._spill()
+    @property
+    def spilled(self) -> bool:
+        return self._disk is not None
 
-    def _spill(self) -> None:
-        self._spill_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=self._spill_dir)
-        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
-        self.path = Path(name)
-        for chunk in self._chunks:
-            self._file.write(chunk)
-        self._chunks = []
+    @property
+    def backlog(self) -> int:
+        """Bytes handed to the disk pool and not yet written."""
+        return self._backlog
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        if not data or self._want_remove:
+            return None
+        self._size += len(data)
+        if self._disk is None:
+            if self._pool is None or (
+                self._size <= SPILL_THRESHOLD and (self._budget is None or self._budget.take(len(data)))
+            ):
+                self._chunks.append(data)
+                self._held += len(data) if self._pool is not None else 0
+                return None
+            # Spill: what is in memory goes to the disk first, then everything else.
+            self._disk = _SpillFile(self._spill_dir)
+            self._queue, self._chunks = self._chunks, []
+            self._backlog = self._size - len(data)
+            self._give_back()
+        if self._error is not None:
+            return None  # the write failed; the error is reported by flushed()
+        self._queue.append(data)
+        self._backlog += len(data)
+        self._kick()
+        if self._backlog > SPILL_BACKLOG:
+            d: Deferred[None] = Deferred()
+            self._drain_waiters.append(d)
+            return d
+        return None
+
+    def flushed(self) -> Deferred[None]:
+        """Fires when the whole message is on disk and the file closed (at once if it never
+        spilled); fails with the disk error if a write failed."""
+        if self._disk is None:
+            return defer.succeed(None)
+        if self._error is not None:
+            return defer.fail(self._error)
+        if self._want_remove:
+            return defer.fail(RuntimeError("message discarded"))
+        self._want_close = True
+        if self._closed and not self._queue and not self._in_flight:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._flush_waiters.append(d)
+        self._kick()
+        return d
 
     def finish(self) -> None:
-        """No more data: flush the spill file (the copies, not this file, are fsynced)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """No more data. For a spilled message `flushed()` must have fired (`Delivery.commit`)."""
+        if self._disk is not None and not (self._closed and not self._queue):
+            raise RuntimeError("the spill file is still being written: wait for flushed() first")
 
     def in_memory(self) -> bytes | None:
-        return b"".join(self._chunks) if self.path is None else None
+        return b"".join(self._chunks) if self._disk is None else None
 
-    def discard(self) -> None:
-        self.finish()
+    def discard(self) -> Deferred[None]:
+        """Forget the message; fires when its spill file (if any) is removed."""
         self._chunks = []
-        if self.path is not None:
-            unlink_quietly(self.path)
+        self._give_back()
+        if self._disk is None or self._removed:
+            return defer.succeed(None)
+        if not self._want_remove:
+            self._want_remove = True
+            self._queue, self._backlog = [], (self._backlog if self._in_flight else 0)
+            self._wake(self._drain_waiters)
+            failure = Failure(RuntimeError("message discarded"))
+            for w in self._take(self._flush_waiters):
+                w.errback(failure)
+            self._kick()
+        d: Deferred[None] = Deferred()
+        self._remove_waiters.append(d)
+        return d
+
+    # -- the disk jobs ---------------------------------------------------------------------
+
+    def _give_back(self) -> None:
+        if self._held and self._budget is not None:
+            self._budget.give(self._held)
+        self._held = 0
+
+    @staticmethod
+    def _take(waiters: list[Deferred[None]]) -> list[Deferred[None]]:
+        taken = list(waiters)
+        waiters.clear()
+        return taken
+
+    def _wake(self, waiters: list[Deferred[None]]) -> None:
+        for w in self._take(waiters):
+            w.callback(None)
+
+    def _kick(self) -> None:
+        """Start the next disk job unless one is running (one at a time keeps the order)."""
+        disk = self._disk
+        if self._in_flight or disk is None or self._removed:
+            return
+        n = 0
+        if self._want_remove:
+            job, fn, args = _Job.REMOVE, disk.remove, ()
+        elif self._queue and self._error is None:
+            chunks, self._queue = self._queue, []
+            n = sum(len(c) for c in chunks)
+            job, fn, args = _Job.WRITE, disk.write, (chunks,)
+        elif self._want_close and not self._closed:
+            job, fn, args = _Job.CLOSE, disk.close, ()
+        else:
+            return
+        assert self._reactor is not None and self._pool is not None
+        self._in_flight = True
+        d = deferToThreadPool(self._reactor, self._pool, fn, *args)
+        d.addBoth(self._job_done, job, n)
+
+    def _job_done(self, result: object, job: _Job, n: int) -> None:
+        self._in_flight = False
+        if isinstance(result, Failure):
+            if job is _Job.REMOVE:
+                log.failure("could not remove spill file {path}", result, path=str(self.path))
+            elif self._error is None:
+                self._error = result
+                self._queue = []
+                self._backlog = n  # subtracted below: nothing is waiting any more
+        if job is _Job.WRITE:
+            self._backlog -= n
+            if isinstance(result, Path):
+                self.path = result
+        elif job is _Job.CLOSE:
+            self._closed = True
+        elif job is _Job.REMOVE:
+            self._removed = True
             self.path = None
+            self._wake(self._remove_waiters)
+            return
+        if self._backlog <= SPILL_BACKLOG or self._error is not None:
+            self._wake(self._drain_waiters)
+        if self._flush_waiters and self._error is not None:
+            for w in self._take(self._flush_waiters):
+                w.errback(self._error)
+        elif self._flush_waiters and self._closed and not self._queue:
+            self._wake(self._flush_waiters)
+        self._kick()
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +363,7 @@ class Envelope:
     peer_ip: str
     protocol: str  # "SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA" (RFC 3848), "local"
     auth_user: str | None = None
-    kind: str = "message"  # "message", or "bounce"/"double-bounce" for DSNs we generate
+    kind: Kind = Kind.MESSAGE  # or a DSN we generate
     eight_bit: bool = False  # BODY=8BITMIME was given
     smtputf8: bool = False  # SMTPUTF8 was given
 
@@ -170,7 +387,9 @@ def trace_headers(
     if env.peer_ip:
         helo = "".join(c if c.isprintable() and c not in "()" else "?" for c in env.helo) or "unknown"
         lines.append(f"Received: from {helo} ([{_ip_literal(env.peer_ip)}])\r\n")
-        if env.auth_user:
+        if env.auth_user and config.auth.authenticated_header:
+            # Opt-in (auth.authenticated_header), as Postfix's smtpd_sasl_authenticated_header:
+            # the login is the user's business, the ESMTPA protocol name says enough (RFC 3848).
             lines.append(f"\t(authenticated as {env.auth_user})\r\n")
         lines.append(f"\tby {config.hostname}")
     else:
@@ -193,6 +412,7 @@ class Delivery:
         spool: Spool | None = None,
         on_queued: Callable[[QueueEntry], None] | None = None,
         on_delivered: Callable[[tuple[LocalRecipient, ...]], None] | None = None,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self._config = config
         self._reactor = reactor
@@ -202,6 +422,8 @@ class Delivery:
         self.on_delivered = on_delivered  # readers (IMAP IDLE, POP3) of these mailboxes wake up
         self._committer = GroupCommitter(reactor, pool, spool)
         self.spill_dir = config.data_dir / "tmp"
+        self._pool = pool
+        self.memory = MemoryBudget(memory_budget)  # shared by every message being received
         self._paths: dict[LocalRecipient, Path] = {}
 
     def _mailbox_path(self, dest: LocalRecipient) -> Path:
@@ -210,8 +432,13 @@ class Delivery:
             path = self._paths[dest] = maildir.mailbox_path(self._mail_root, dest.domain, dest.local)
         return path
 
-    def new_message(self) -> IncomingMessage:
-        return IncomingMessage(self.spill_dir)
+    def new_message(self, *, stream: bool = False) -> IncomingMessage:
+        """A message to fill with `write`. `stream=True` for one arriving from a client: it
+        may spill to disk (in the disk pool) and must be `flushed()` before `commit`.
+        Without it, a message mx already has whole in memory (a DSN): never spills."""
+        if not stream:
+            return IncomingMessage(self.spill_dir)
+        return IncomingMessage(self.spill_dir, reactor=self._reactor, pool=self._pool, budget=self.memory)
 
     def accepts_remote(self) -> bool:
         """Whether remote recipients can be taken (the relay queue exists)."""
@@ -294,6 +521,10 @@ class Delivery:
 
         return self._committer.submit(job).addCallbacks(stored, failed)
 
+    def hold_until(self, d: Deferred[Any]) -> None:
+        """Store nothing before `d` fires (the queue's start-up load): commits wait for it."""
+        self._committer.hold_until(d)
+
     def save_queue_entry(self, entry: QueueEntry) -> Deferred[list[Path]]:
         """Persist a relay-queue state change (grouped with other disk work)."""
         return self._committer.submit([QueueUpdate(entry)])
@@ -303,7 +534,7 @@ class Delivery:
         return self._committer.submit([QueueRemove(entry_id)])
 
     def submit_generated(
-        self, msgid: str, sender: str, recipient: Address, destinations: tuple[Destination, ...], data: bytes, kind: str
+        self, msgid: str, sender: str, recipient: Address, destinations: tuple[Destination, ...], data: bytes, kind: Kind
     ) -> Deferred[list[Path]]:
         """Store a message mx wrote itself (a DSN) like any other: the same door."""
         message = self.new_message()

@@ -26,10 +26,12 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTCP, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,8 +44,15 @@ from mx.delivery import Delivery, new_message_id
 from mx.dns import DNSError, MXHost, Resolver, TemporaryDNSError
 from mx.routing import Router
 from mx.smtp import Reply
-from mx.smtpclient import ServerReply, SMTPClientConnection, SMTPClientError, Timeouts
-from mx.spool import BOUNCED, DELIVERED, FAILED, PENDING, QueueEntry, RecipientState, Spool
+from mx.smtpclient import (
+    CHUNK_SIZE,
+    ServerReply,
+    SMTPClientConnection,
+    SMTPClientError,
+    Timeouts,
+    smarthost_auth,
+)
+from mx.spool import BOUNCED, DELIVERED, FAILED, PENDING, Kind, QueueEntry, RecipientState, Spool
 
 __all__ = ["Relay"]
 
@@ -71,7 +80,7 @@ class _Outcome:
 
     @classmethod
     def from_client_error(cls, e: SMTPClientError) -> _Outcome:
-        peer = getattr(e, "peer", "")
+        peer = e.peer
         if e.reply is not None and (e.reply.code >= 500) != e.temporary:
             return cls.from_reply(e.reply, peer)
         text = str(e.reply) if e.reply is not None else str(e)
@@ -96,11 +105,60 @@ class _Work:
         self.addresses = addresses
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """One attempt on one entry: its parts still running (one per destination) and the
+    recipients it tries."""
+
+    parts: int
+    addresses: frozenset[str]
+
+
+class _UnreadableBody(Exception):
+    """The queued message file is missing or cannot be read (a local temporary failure)."""
+
+
+class _QueueBody:
+    """A queued message file read in the disk pool, one chunk per thread trip, so the
+    reactor thread never blocks on it (an `smtpclient.BodySource`)."""
+
+    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, path: Path, f: BinaryIO) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self.path = path
+        self._file: BinaryIO | None = f
+
+    @classmethod
+    async def open(cls, reactor: IReactorFromThreads, pool: ThreadPool, path: Path) -> _QueueBody:
+        try:
+            f = await deferToThreadPool(reactor, pool, open, path, "rb")
+        except OSError as e:
+            raise _UnreadableBody(f"local error: the queued message file is unreadable ({e.strerror or e})") from None
+        return cls(reactor, pool, path, f)
+
+    async def read_chunk(self) -> bytes:
+        if self._file is None:
+            return b""
+        try:
+            data = await deferToThreadPool(self._reactor, self._pool, self._file.read, CHUNK_SIZE)
+        except OSError as e:
+            self.close()
+            raise _UnreadableBody(f"local error: reading the queued message failed ({e.strerror or e})") from None
+        if not data:
+            self.close()
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class Relay(service.Service):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IReactorTCP,
         pool: ThreadPool,
         spool: Spool,
         delivery: Delivery,
@@ -111,11 +169,13 @@ class Relay(service.Service):
         timeouts: Timeouts = Timeouts(),
         trust_root: Any = None,
         rng: random.Random | None = None,
-        clock: Any = None,
+        clock: IReactorTime | None = None,
         per_destination: int = PER_DESTINATION,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.config = config
+        # Read once, at build time (before twistd drops root); ConfigError if unusable.
+        self._smarthost_auth = smarthost_auth(config.relay)
         self.reactor = reactor
         self.pool = pool
         self.spool = spool
@@ -127,7 +187,7 @@ class Relay(service.Service):
         self.trust_root = trust_root
         self.rng = rng or random.Random()
         # Timers and "now" come from `clock` (a task.Clock in tests), sockets from `reactor`.
-        self.clock = clock if clock is not None else reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
         self.now = self.clock.seconds
         self._idle: list[Deferred[None]] = []
         self.per_destination = per_destination
@@ -135,13 +195,13 @@ class Relay(service.Service):
         self.entries: dict[str, QueueEntry] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._busy: set[str] = set()  # entry ids with an attempt in flight
         self._queues: dict[str, deque[_Work]] = defaultdict(deque)
         self._workers: dict[str, int] = defaultdict(int)
         self._active = 0
         self._running_tasks: set[Deferred[Any]] = set()
-        self._pending_parts: dict[str, int] = {}  # entry id -> destinations still running
+        self._attempts: dict[str, _Attempt] = {}  # entry id -> the attempt running on it
         self._stopping = False
         self.loaded: Deferred[None] | None = None
 
@@ -153,21 +213,28 @@ class Relay(service.Service):
         self.loaded = deferToThreadPool(self.reactor, self.pool, self.spool.load_all)
         self.loaded.addCallback(self._loaded)
         self.loaded.addErrback(lambda f: log.failure("could not read the queue", f))
+        # Nothing is committed (so no 250 is given) before the queue is loaded: the load
+        # cleans crash debris, which must never be a file a commit of this run is writing.
+        self.delivery.hold_until(self.loaded)
 
-    def _loaded(self, result: tuple[list[QueueEntry], list[str]]) -> None:
-        entries, problems = result
-        for problem in problems:
-            log.error("unreadable queue record left in place: {problem}", problem=problem)
+    def _loaded(self, result: tuple[list[QueueEntry], list[tuple[str, str]]]) -> None:
+        entries, quarantined = result
+        for queue_id, reason in quarantined:
+            log.error("quarantined queue record {msgid}: {reason}", msgid=queue_id, reason=reason)
+        loaded = 0
         for entry in entries:
+            if entry.id in self.entries:
+                continue  # merge, never overwrite: this run's state is newer
+            loaded += 1
             self.entries[entry.id] = entry
             if entry.owed:  # a crash came between recording a failure and its bounce
                 self._busy.add(entry.id)
-                d = Deferred.fromCoroutine(self._settle(entry))
+                d = Deferred.fromCoroutine(self._bounce_owed(entry.id))
                 d.addErrback(lambda f: log.failure("could not send an owed bounce", f))
                 d.addBoth(lambda _, i=entry.id: self._release(i))
             else:
                 self._push(entry)
-        log.info("relay queue loaded: {count} messages", count=len(entries))
+        log.info("relay queue loaded: {count} messages", count=loaded, quarantined=len(quarantined))
         self._arm()
 
     def stopService(self) -> Deferred[Any]:
@@ -259,23 +326,30 @@ class Relay(service.Service):
     def _destination(self, domain: str) -> str:
         return "[smarthost]" if self.config.relay.smarthost else domain
 
+    def _update(self, entry_id: str, change: Callable[[RecipientState], RecipientState]) -> QueueEntry | None:
+        """Change the authoritative entry's recipients in place (no await in here: two
+        parts of one attempt never work on copies of each other's state)."""
+        entry = self.entries.get(entry_id)
+        if entry is None:
+            return None
+        entry = self.entries[entry_id] = entry.with_recipients(change(r) for r in entry.recipients)
+        return entry
+
     def _attempt(self, entry: QueueEntry, by_domain: dict[str, list[str]]) -> None:
         # Intent first: every due recipient gets its next try recorded before we connect.
         now = self.now()
-        addresses = {a for group in by_domain.values() for a in group}
-        updated = entry.with_recipients(
-            replace(r, attempts=r.attempts + 1, next_attempt=now + self._interval(r.attempts + 1))
-            if r.address in addresses
-            else r
-            for r in entry.recipients
-        )
-        self.entries[entry.id] = updated
-        d = self._save(updated)
-        d.addCallback(lambda _: self._dispatch(updated.id, by_domain))
+        addresses = frozenset(a for group in by_domain.values() for a in group)
+        self._update(entry.id, lambda r: replace(
+            r, attempts=r.attempts + 1, next_attempt=now + self._interval(r.attempts + 1)
+        ) if r.address in addresses else r)
+        self._attempts[entry.id] = _Attempt(len(by_domain), addresses)
+        d = self._save(entry.id)
+        d.addCallback(lambda _: self._dispatch(entry.id, by_domain))
         d.addErrback(self._attempt_failed_to_record, entry.id)
 
     def _attempt_failed_to_record(self, failure: Failure, entry_id: str) -> None:
         log.failure("could not record an attempt for {msgid}; retrying later", failure, msgid=entry_id)
+        self._attempts.pop(entry_id, None)
         self._release(entry_id)
 
     def _interval(self, attempts: int) -> float:
@@ -284,7 +358,10 @@ class Relay(service.Service):
         return base * (1.0 + JITTER * self.rng.random())
 
     def _dispatch(self, entry_id: str, by_domain: dict[str, list[str]]) -> None:
-        self._pending_parts[entry_id] = len(by_domain)
+        if entry_id not in self.entries:  # deleted by the operator while the intent was saved
+            self._attempts.pop(entry_id, None)
+            self._release(entry_id)
+            return
         for dest, addresses in by_domain.items():
             self._queues[dest].append(_Work(entry_id, dest, tuple(addresses)))
             self._start_workers(dest)
@@ -309,10 +386,19 @@ class Relay(service.Service):
             queue = self._queues[dest]
             while queue and not self._stopping:
                 work = queue.popleft()
+                outcomes: dict[str, _Outcome] = {}
                 try:
-                    conn = await self._deliver(work, conn)
+                    conn, outcomes = await self._deliver(work, conn)
+                except Exception:
+                    # A bug must not leak the connection, lose the part or stall the entry:
+                    # the recipients are deferred as a local temporary failure.
+                    log.failure("relay attempt on {msgid} failed", msgid=work.entry_id)
+                    if conn is not None:
+                        conn.abort()
+                        conn = None
+                    outcomes = dict.fromkeys(work.addresses, _Outcome(451, "4.3.0", "local error in the relay"))
                 finally:
-                    self._part_done(work.entry_id)
+                    await self._part_done(work, outcomes)
         finally:
             if conn is not None:
                 if self._stopping:
@@ -327,13 +413,35 @@ class Relay(service.Service):
             for other in list(self._queues):
                 self._start_workers(other)
 
-    def _part_done(self, entry_id: str) -> None:
-        left = self._pending_parts.get(entry_id, 1) - 1
-        if left > 0:
-            self._pending_parts[entry_id] = left
+    async def _part_done(self, work: _Work, outcomes: dict[str, _Outcome]) -> None:
+        """Merge one destination's outcomes into the entry, persist them, and settle the
+        entry once, when its last part is done.
+
+        A part counts as done only after its outcomes are durable, so the part that settles
+        (sends bounces, removes the entry) acts on state that is all on disk.
+        """
+        entry_id = work.entry_id
+        attempt = self._attempts.get(entry_id)
+        try:
+            entry = self._merge(entry_id, outcomes)
+            last = attempt is None or attempt.parts <= 1
+            if entry is not None and (not last or entry.pending or entry.owed):
+                # (Finished with nothing owed: the removal below is durable by itself.)
+                await self._save(entry_id)
+        except Exception:
+            log.failure("could not record the outcome for {msgid}; it is retried", msgid=entry_id)
+        finally:
+            if attempt is not None:
+                attempt.parts -= 1
+        if attempt is not None and attempt.parts > 0:
             return
-        self._pending_parts.pop(entry_id, None)
-        self._release(entry_id)
+        self._attempts.pop(entry_id, None)
+        try:
+            await self._settle(entry_id, attempt.addresses if attempt is not None else frozenset())
+        except Exception:
+            log.failure("could not settle {msgid}; it is retried", msgid=entry_id)
+        finally:
+            self._release(entry_id)
 
     def _release(self, entry_id: str) -> None:
         """The attempt on `entry_id` is over: schedule what is left of it."""
@@ -349,11 +457,13 @@ class Relay(service.Service):
 
     # -- one delivery attempt --------------------------------------------------------
 
-    async def _deliver(self, work: _Work, conn: SMTPClientConnection | None) -> SMTPClientConnection | None:
+    async def _deliver(
+        self, work: _Work, conn: SMTPClientConnection | None
+    ) -> tuple[SMTPClientConnection | None, dict[str, _Outcome]]:
+        """One transaction for one part: (the connection to reuse, outcome per recipient)."""
         entry = self.entries.get(work.entry_id)
         if entry is None:
-            return conn  # deleted by the operator meanwhile
-        outcomes: dict[str, _Outcome] = {}
+            return conn, {}  # deleted by the operator meanwhile
         try:
             result = None
             if conn is not None:
@@ -370,39 +480,47 @@ class Relay(service.Service):
             if result is None:
                 conn = await self._open(work.domain)
                 result = await self._send(conn, entry, work)
-            for address in work.addresses:
-                outcomes[address] = _Outcome.from_reply(result.outcome(address), conn.peer_name)
+            outcomes = {a: _Outcome.from_reply(result.outcome(a), conn.peer_name) for a in work.addresses}
         except SMTPClientError as e:
             if conn is not None:
-                e.peer = conn.peer_name  # type: ignore[attr-defined]
-                if e.stage not in ("mail", "size"):
+                e.peer = conn.peer_name
+                if not e.connection_usable:
                     conn.abort()  # the session is in an unknown state: never reuse it
                     conn = None
-            outcome = _Outcome.from_client_error(e)
-            outcomes = dict.fromkeys(work.addresses, outcome)
+            outcomes = dict.fromkeys(work.addresses, _Outcome.from_client_error(e))
         except DNSError as e:
             outcomes = dict.fromkeys(work.addresses, _Outcome.from_dns_error(e))
         except _Loop as e:
             outcomes = dict.fromkeys(work.addresses, _Outcome(450, "4.4.6", str(e)))
-        await self._record(entry.id, outcomes)
-        return conn
+        except _UnreadableBody as e:
+            # A local temporary failure (RFC 3463 4.3.0): retried, and bounced as 5.3.0 once
+            # max_lifetime is reached, like any other temporary failure.
+            outcomes = dict.fromkeys(work.addresses, _Outcome(451, "4.3.0", str(e)))
+        return conn, outcomes
 
-    def _send(self, conn: SMTPClientConnection, entry: QueueEntry, work: _Work) -> Any:
-        return conn.send(
-            entry.sender,
-            work.addresses,
-            self.spool.body_path(entry.id),
-            size=entry.size,
-            eight_bit=entry.eight_bit,
-            smtputf8=entry.smtputf8,
-        )
+    async def _send(self, conn: SMTPClientConnection, entry: QueueEntry, work: _Work) -> Any:
+        body = await _QueueBody.open(self.reactor, self.pool, self.spool.body_path(entry.id))
+        try:
+            return await conn.send(
+                entry.sender,
+                work.addresses,
+                body,
+                size=entry.size,
+                eight_bit=entry.eight_bit,
+                smtputf8=entry.smtputf8,
+            )
+        finally:
+            body.close()
 
     async def _open(self, domain: str) -> SMTPClientConnection:
         """Connect to the first MX host (or the smarthost) that answers well."""
         relay = self.config.relay
+        smarthost: dict[str, Any] = {}
         if relay.smarthost:
             host, port = relay.smarthost
             hosts = [MXHost(host, 0, await self._addresses(host))]
+            # RFC 8314 §3: port 465 (submissions) speaks TLS from the first byte.
+            smarthost = {"auth": self._smarthost_auth, "implicit_tls": port == 465}
         else:
             port = relay.port
             hosts = _below_myself(await self.resolver.mx_hosts(domain), self.config.hostname)
@@ -422,9 +540,10 @@ class Relay(service.Service):
                         tls_hostname=mx.name,
                         trust_root=self.trust_root,
                         timeouts=self.timeouts,
+                        **smarthost,
                     )
                 except SMTPClientError as e:
-                    e.peer = f"{mx.name}[{address}]"  # type: ignore[attr-defined]
+                    e.peer = f"{mx.name}[{address}]"
                     log.info(
                         "could not use {host}[{address}] for {domain}: {error}",
                         host=mx.name, address=address, domain=domain, error=str(e),
@@ -450,21 +569,25 @@ class Relay(service.Service):
 
     # -- outcomes --------------------------------------------------------------------
 
-    async def _record(self, entry_id: str, outcomes: dict[str, _Outcome]) -> None:
+    def _merge(self, entry_id: str, outcomes: dict[str, _Outcome]) -> QueueEntry | None:
+        """Apply one part's outcomes to the authoritative entry, by recipient, at once.
+
+        Only recipients still pending change: a recipient another part (or an earlier
+        attempt) delivered or failed is never set back.
+        """
         entry = self.entries.get(entry_id)
-        if entry is None:
-            return
+        if entry is None or not outcomes:
+            return entry
         now = self.now()
         expired = now - entry.arrival >= self.config.relay.max_lifetime
-        recipients = []
         failed: list[RecipientState] = []
         delivered: list[str] = []
         deferred: list[RecipientState] = []
-        for r in entry.recipients:
-            if r.address not in outcomes:
-                recipients.append(r)
-                continue
-            o = outcomes[r.address]
+
+        def apply(r: RecipientState) -> RecipientState:
+            o = outcomes.get(r.address)
+            if o is None or r.status != PENDING:
+                return r
             r = replace(r, last_code=o.code, last_enhanced=o.enhanced, last_error=o.text, remote_mta=o.peer or None)
             if o.code < 400:
                 r = replace(r, status=DELIVERED, last_error=None)
@@ -478,67 +601,80 @@ class Relay(service.Service):
                 failed.append(r)
             else:
                 deferred.append(r)
-            recipients.append(r)
-        entry = entry.with_recipients(recipients)
-        warn = (
-            bool(deferred)
+            return r
+
+        entry = self._update(entry_id, apply)
+        _log_outcomes(entry_id, delivered, deferred, failed, now)
+        return entry
+
+    async def _settle(self, entry_id: str, attempted: frozenset[str]) -> None:
+        """After the last part of an attempt: the delay warning if due, the bounce owed,
+        the removal of a finished entry. Runs once per attempt."""
+        entry = self.entries.get(entry_id)
+        if entry is None:
+            return
+        now = self.now()
+        deferred = [r for r in entry.recipients if r.status == PENDING and r.address in attempted]
+        if (
+            deferred
             and not entry.delay_warned
             and self.config.relay.delay_warning is not None
             and now - entry.arrival >= self.config.relay.delay_warning
             and entry.sender != ""
-            and entry.kind == "message"
-        )
-        self.entries[entry_id] = entry
-        if entry.pending or failed:
-            # The outcome is durable before anything acts on it. (All delivered: the removal
-            # below records that durably by itself, one write fewer per message.)
-            await self._save(entry)
-        _log_outcomes(entry_id, delivered, deferred, failed, now)
-        if warn:
+            and entry.kind == Kind.MESSAGE
+        ):
             await self._notify(entry, deferred, delay=True)
-            entry = self.entries[entry_id] = replace(entry, delay_warned=True)
-            if not failed:
-                await self._save(entry)
-        await self._settle(entry)
+            if entry_id in self.entries:
+                entry = self.entries[entry_id] = replace(self.entries[entry_id], delay_warned=True)
+                if not entry.owed:
+                    await self._save(entry_id)
+        await self._bounce_owed(entry_id)
 
-    async def _settle(self, entry: QueueEntry) -> None:
+    async def _bounce_owed(self, entry_id: str) -> None:
         """Send the bounces owed (recipients FAILED), mark them BOUNCED, drop a finished entry.
 
         The owed state is on disk before the bounce is made, so a crash in between sends
         the bounce after the restart (`_loaded`) rather than losing it.
         """
+        entry = self.entries.get(entry_id)
+        if entry is None:
+            return
         owed = entry.owed
         if owed:
             try:
                 await self._notify(entry, owed, delay=False)
             except Exception:
                 # Still owed on disk: the next start-up tries again.
-                log.failure("could not store the bounce for {msgid}; will retry at restart", msgid=entry.id)
+                log.failure("could not store the bounce for {msgid}; will retry at restart", msgid=entry_id)
                 return
-            entry = entry.with_recipients(replace(r, status=BOUNCED) if r.status == FAILED else r for r in entry.recipients)
-            self.entries[entry.id] = entry
+            done = {r.address for r in owed}
+            entry = self._update(entry_id, lambda r: replace(r, status=BOUNCED) if r.address in done else r)
+            if entry is None:
+                return  # deleted by the operator meanwhile
         if not entry.pending:
-            self.entries.pop(entry.id, None)
-            await self.delivery.remove_queue_entry(entry.id)
+            self.entries.pop(entry_id, None)
+            await self.delivery.remove_queue_entry(entry_id)
         elif owed:
-            await self._save(entry)
+            await self._save(entry_id)
 
-    def _save(self, entry: QueueEntry) -> Deferred[None]:
-        """Persist an entry's state, unless the operator deleted it meanwhile."""
-        if entry.id not in self.entries:
+    def _save(self, entry_id: str) -> Deferred[None]:
+        """Persist the entry's current state, unless the operator deleted it meanwhile.
+        (The committer keeps saves and the removal of one id in submission order.)"""
+        entry = self.entries.get(entry_id)
+        if entry is None:
             return succeed(None)
         return self.delivery.save_queue_entry(entry).addCallback(lambda _: None)
 
     async def _notify(self, entry: QueueEntry, recipients: Sequence[RecipientState], *, delay: bool) -> None:
         """A failure or delay DSN to the sender; failed bounces go to the postmaster once."""
-        if entry.kind == "double-bounce":
+        if entry.kind == Kind.DOUBLE_BOUNCE:
             log.error("dropped a failed notice to the postmaster ({msgid})", msgid=entry.id)
             return
-        if entry.sender == "" and entry.kind == "message":
+        if entry.sender == "" and entry.kind == Kind.MESSAGE:
             log.info("no bounce for {msgid}: the sender is <>", msgid=entry.id)
             return
-        to = self.config.postmaster if entry.kind == "bounce" else entry.sender
-        kind = "double-bounce" if entry.kind == "bounce" else "bounce"
+        to = self.config.postmaster if entry.kind == Kind.BOUNCE else entry.sender
+        kind = Kind.DOUBLE_BOUNCE if entry.kind == Kind.BOUNCE else Kind.BOUNCE
         original = await deferToThreadPool(self.reactor, self.pool, _read_head, self.spool.body_path(entry.id))
         statuses = [
             dsn.RecipientStatus(
@@ -613,6 +749,8 @@ def _enhanced(e: SMTPClientError) -> str:
         return "5.3.4"
     if e.stage in ("tls", "starttls"):
         return "4.7.5" if e.temporary else "5.7.5"
+    if e.stage == "auth":  # RFC 4954 §6
+        return "4.7.0" if e.temporary else "5.7.8"
     return "4.4.1" if e.temporary else "5.0.0"
 
 

@@ -13,6 +13,11 @@ Invariants:
   answered once at the final dot (RFC 5321 §4.2.5), so the stream never desynchronises.
 - Buffers are capped: a command line may hold 512 octets (RFC 5321 §4.5.3.1.4); longer
   lines are skipped to their end and answered with one error.
+- The client's half lives here too: `ReplyParser` turns server bytes into `ServerReply`s
+  (lines capped at 4096 octets, a reply at 64 KiB; anything else is `MalformedReply`), and
+  `BodyEncoder` dot-stuffs a body fed in arbitrary chunks (a "." after any chunk boundary is
+  stuffed, a CRLF is never split, bare CR/LF go out as CRLF) so a body can never end DATA
+  early (RFC 5321 §4.5.2).
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ __all__ = [
     "dot_stuff",
     "MAX_COMMAND_LINE",
     "MAX_TEXT_LINE",
+    "ServerReply",
+    "MalformedReply",
+    "ReplyParser",
+    "BodyEncoder",
+    "MAX_REPLY_LINE",
+    "MAX_REPLY",
 ]
 
 MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF
@@ -368,3 +379,130 @@ def dot_stuff(data: bytes, at_line_start: bool = True, after_cr: bool = False) -
     elif after_cr and out[:2] == b"\n.":
         out = b"\n." + out[1:]
     return out
+
+
+# -- the client's side of the wire: replies in, message body out --------------------------
+
+MAX_REPLY_LINE = 4096  # octets, with CRLF (RFC 5321 §4.5.3.1.5 allows 512; be generous)
+MAX_REPLY = 64 * 1024  # octets in one (multi-line) reply
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)(.*)", re.S)  # RFC 5321 §4.2
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")  # RFC 3463, RFC 2034
+_BARE = re.compile(rb"\r\n?|\n")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerReply:
+    """One reply as a client received it (the counterpart of `Reply`, which a server raises)."""
+
+    code: int
+    enhanced: str | None
+    text: str  # all lines joined with "\n", the enhanced code stripped from each
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        return " ".join(str(p) for p in (self.code, self.enhanced, self.text) if p)
+
+
+class MalformedReply(Exception):
+    """The server's bytes are not an SMTP reply (RFC 5321 §4.2)."""
+
+
+class ReplyParser:
+    """Sans-IO: bytes from the server in, complete `ServerReply`s out (RFC 5321 §4.2).
+
+    Lines are capped at `MAX_REPLY_LINE` octets and a reply at `MAX_REPLY`; a reply whose
+    code changes between lines, or any line that is not `NNN[ -]text`, is `MalformedReply`.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lines: list[str] = []
+        self._code = 0
+        self._size = 0
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of a reply not yet complete are buffered."""
+        return bool(self._buf) or bool(self._lines)
+
+    def feed(self, data: bytes) -> list[ServerReply]:
+        self._buf += data
+        out = []
+        while (lf := self._buf.find(b"\n")) >= 0:
+            if lf + 1 > MAX_REPLY_LINE:
+                raise MalformedReply("reply line too long")
+            raw = bytes(self._buf[:lf])
+            del self._buf[: lf + 1]
+            reply = self._line(raw[:-1] if raw.endswith(b"\r") else raw)
+            if reply is not None:
+                out.append(reply)
+        if len(self._buf) >= MAX_REPLY_LINE:
+            raise MalformedReply("reply line too long")
+        return out
+
+    def _line(self, raw: bytes) -> ServerReply | None:
+        m = _REPLY_LINE.fullmatch(raw)
+        if m is None:
+            raise MalformedReply(f"malformed reply line {raw[:80]!r}")
+        code = int(m.group(1))
+        if self._lines and code != self._code:  # RFC 5321 §4.2.1: one code per reply
+            raise MalformedReply(f"reply code changed within a reply: {raw[:80]!r}")
+        self._code = code
+        self._size += len(raw) + 2
+        if self._size > MAX_REPLY:
+            raise MalformedReply("reply too long")
+        self._lines.append(m.group(3).decode("utf-8", "replace"))
+        if m.group(2) == b"-":
+            return None
+        enhanced = None
+        lines = []
+        for i, text in enumerate(self._lines):
+            e = _ENHANCED.match(text)
+            if e is not None and e.group(1) == str(code)[0]:
+                enhanced = enhanced or (e.group(0).strip() if i == 0 else None)
+                text = text[e.end():]
+            lines.append(text)
+        self._lines, self._size = [], 0
+        return ServerReply(code, enhanced, "\n".join(lines))
+
+
+class BodyEncoder:
+    """Dot-stuffing and CRLF for a message fed in arbitrary chunks (RFC 5321 §4.5.2, §2.3.8).
+
+    A "." that begins any line, including the first and one that begins a chunk, is doubled;
+    a trailing CR is held back so a CRLF is never split; bare CR or LF become CRLF; `finish()`
+    ends the message with CRLF (if needed) and "." CRLF (RFC 5321 §4.1.1.4).
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True  # a "." at the very start is stuffed too
+        self._held = b""  # a trailing CR, kept until we know whether LF follows
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._held + chunk
+        self._held = b"\r" if data.endswith(b"\r") else b""
+        return self._encode(data[:-1] if self._held else data)
+
+    def finish(self) -> bytes:
+        tail = self._encode(self._held)
+        self._held = b""
+        if not self._at_line_start:
+            tail += b"\r\n"  # RFC 5321 §4.1.1.4: the end marker follows a CRLF
+        return tail + b".\r\n"
+
+    def _encode(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            data = _BARE.sub(b"\r\n", data)
+        out = dot_stuff(data, self._at_line_start)
+        self._at_line_start = data.endswith(b"\n")
+        return out

@@ -4,22 +4,29 @@ A thin Twisted protocol over the sans-IO `mx.smtp.ServerSession`: it feeds bytes
 one event at a time, asks `routing` at RCPT and hands DATA to `delivery`.
 
 Invariants:
-- One command at a time: while a command is pending (a commit to disk), no further event is
-  taken from the buffer and the transport is paused, so pipelined input waits its turn.
+- One command at a time: while a command is pending (a commit to disk, a password check, a
+  spill file catching up), no further event is taken from the buffer and the transport is
+  paused once `PAUSE_BUFFER` bytes wait, so pipelined input (and a fast DATA) waits its turn.
 - Every reply goes through `_reply`; handlers raise or return `Reply` (errors in one place).
-- `250` after DATA is sent only after `Delivery.commit` says the copies are durable.
+  Anything else a handler raises, at once or from its Deferred, is logged with its
+  traceback and answered `451 4.3.0`; the transaction is reset (a spill file is removed)
+  and the connection goes on.
+- `250` after DATA is sent only after `Delivery.commit` says the copies are durable; commit
+  is called only after the message's spill file is `flushed()`, and the 250 waits for the
+  spill file to be removed.
+- Connections are admitted and released through the shared `ConnectionRegistry`
+  (per-address and global limits over all services; `421 4.7.0` beyond them).
+- SASL is `mx.auth`'s (exchange, plaintext policy, brakes); here only its SMTP framing.
 - The idle timer is reset once per read, not per line.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Callable
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -29,9 +36,21 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mx.address import Address, AddressError, parse_path
-from mx.auth import LOGIN_PASS, LOGIN_USER, Authenticator, SASLError, decode_b64, decode_plain
+from mx.auth import (
+    MAX_AUTH_FAILURES,
+    MECHANISMS,
+    Authenticator,
+    Challenge,
+    ConnectionBrake,
+    Credentials,
+    Rejected,
+    SASLExchange,
+    SASLProblem,
+    plaintext_allowed,
+)
 from mx.config import Config
 from mx.delivery import Delivery, Envelope, IncomingMessage, new_message_id
+from mx.listeners import ConnectionRegistry, Refusal, Service, client_key
 from mx.routing import Destination, RemoteRecipient, Router
 from mx.tls import ServerTLS
 from mx.smtp import (
@@ -47,13 +66,23 @@ from mx.smtp import (
     parse_rcpt_args,
 )
 
-__all__ = ["SMTPServerFactory", "SMTPServerProtocol"]
+__all__ = ["MAX_AUTH_FAILURES", "SMTPServerFactory", "SMTPServerProtocol", "WithProtocol"]
 
 log = Logger()
 
 PAUSE_BUFFER = 64 * 1024  # stop reading while a command is pending and this much waits
 MAX_ERRORS = 20  # Postfix's smtpd_hard_error_limit: then the client is cut off
-MAX_AUTH_FAILURES = 10  # per connection; then it is closed
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
+
+
+class WithProtocol(StrEnum):
+    """The `with` clause of our Received: header (RFC 3848)."""
+
+    SMTP = "SMTP"
+    ESMTP = "ESMTP"
+    ESMTPS = "ESMTPS"  # TLS
+    ESMTPA = "ESMTPA"  # AUTH
+    ESMTPSA = "ESMTPSA"  # both
 
 
 class State(Enum):
@@ -88,7 +117,8 @@ OUT_OF_SEQUENCE = {
 
 
 class SMTPServerFactory(ServerFactory):
-    """Builds one protocol per connection and keeps per-IP counts and the live set."""
+    """Builds one protocol per connection; counts them in the shared `ConnectionRegistry`
+    (its own one when none is given, as in tests that run one service)."""
 
     noisy = False
 
@@ -99,25 +129,43 @@ class SMTPServerFactory(ServerFactory):
         router: Router,
         delivery: Delivery,
         clock: IReactorTime,
-        kind: str = "smtp",
+        kind: Service | str = Service.SMTP,
         tls: ServerTLS | None = None,
         implicit_tls: bool = False,
         authenticator: Authenticator | None = None,
+        registry: ConnectionRegistry | None = None,
     ) -> None:
         self.config = config
         self.router = router
         self.delivery = delivery
         self.clock = clock
-        self.kind = kind
+        self.service = Service(kind)
+        if not (self.service is Service.SMTP or self.service.submission):
+            raise ValueError(f"{self.service} is not an SMTP service")
         self.tls = tls
         self.implicit_tls = implicit_tls
         # Submission ports (RFC 6409): AUTH, then relay anywhere; port 25 never offers AUTH.
-        self.submission = kind in ("submission", "submissions")
+        self.submission = self.service.submission
         self.authenticator = authenticator if self.submission else None
-        self.per_ip: Counter[str] = Counter()
-        self.connections: set[SMTPServerProtocol] = set()
-        self.shutting_down = False
-        self._drained: Deferred[None] | None = None
+        self.registry = registry if registry is not None else ConnectionRegistry(config.limits, clock)
+        self.registry.register(self.service, self)
+
+    @property
+    def kind(self) -> Service:
+        return self.service
+
+    @property
+    def per_ip(self) -> Counter[str]:
+        """Live connections per client key, over every service of the registry."""
+        return self.registry.per_ip
+
+    @property
+    def connections(self) -> frozenset[SMTPServerProtocol]:
+        return self.registry.live(self.service)  # type: ignore[return-value]
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.registry.draining(self.service)
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         p = SMTPServerProtocol()
@@ -125,38 +173,11 @@ class SMTPServerFactory(ServerFactory):
         return p
 
     def client_key(self, ip: str) -> str:
-        """Per-client accounting key: the address, or its /64 for IPv6 (one host's range)."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return ip
-        if isinstance(addr, ipaddress.IPv6Address):
-            if addr.ipv4_mapped is not None:
-                return str(addr.ipv4_mapped)
-            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return str(addr)
-
-    def _gone(self, proto: SMTPServerProtocol) -> None:
-        self.connections.discard(proto)
-        if self.shutting_down and not self.connections and self._drained is not None:
-            d, self._drained = self._drained, None
-            d.callback(None)
+        return client_key(ip)
 
     def shutdown(self, grace: float = 10.0) -> Deferred[None]:
         """Stop: idle connections get 421 now, busy ones after their commit; then wait."""
-        self.shutting_down = True
-        for proto in list(self.connections):
-            proto.close_when_idle()
-        if not self.connections:
-            return defer.succeed(None)
-        self._drained = Deferred()
-        timer = self.clock.callLater(grace, self._abort_all)
-        self._drained.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-        return self._drained
-
-    def _abort_all(self) -> None:
-        for proto in list(self.connections):
-            proto.transport.abortConnection()
+        return self.registry.drain(self.service, grace)
 
 
 class SMTPServerProtocol(Protocol, TimeoutMixin):
@@ -175,8 +196,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.errors = 0
         self.tls_active = False
         self.user: str | None = None  # the authenticated user (canonical address)
-        self.auth_failures = 0
-        self._sasl: Callable[[str], Reply | Deferred[Reply]] | None = None
+        self.sasl = SASLExchange()
+        self.brake: ConnectionBrake | None = None
+        self.client = ""
         self.smtputf8 = False
         self.eight_bit = False
         self._busy = False
@@ -184,6 +206,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._counted = False
         self._closing = False
         self._paused = False
+        self._data_error: Reply | None = None  # answered at the final dot
+
+    @property
+    def service(self) -> Service:
+        return self.factory.service
+
+    @property
+    def auth_failures(self) -> int:
+        return self.brake.failures if self.brake is not None else 0
 
     # -- connection ------------------------------------------------------------------
 
@@ -192,46 +223,44 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.callLater = f.clock.callLater  # TimeoutMixin uses it: tests pass a Clock
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "") or ""
-        self.client = f.client_key(self.peer_ip)
+        self.client = client_key(self.peer_ip)
         self.tls_active = f.implicit_tls
-        if f.shutting_down:
-            self._refuse(Reply(421, "4.3.2", f"{f.config.hostname} shutting down"), "shutting down")
+        refusal = f.registry.admit(self)
+        if refusal is not None:
+            code = "4.3.2" if refusal is Refusal.SHUTTING_DOWN else "4.7.0"
+            self._refuse(Reply(421, code, f"{f.config.hostname} {refusal.value}"), refusal)
             return
-        if f.per_ip[self.client] >= f.config.limits.max_connections_per_ip:
-            self._refuse(
-                Reply(421, "4.7.0", f"{f.config.hostname} too many connections from your address"),
-                "too many connections",
-            )
-            return
-        f.per_ip[self.client] += 1
         self._counted = True
         self._open = True
-        f.connections.add(self)
+        if f.authenticator is not None:
+            self.brake = f.authenticator.brake(self.client)
         self.setTimeout(f.config.limits.idle_timeout)
         if hasattr(self.transport, "setTcpNoDelay"):
             # Replies are small and each one is awaited: do not let Nagle hold them back.
             self.transport.setTcpNoDelay(True)
-        log.info("connection from {peer} on {service}", peer=self.peer_ip, service=f.kind)
+        log.info("connection from {peer} on {service}", peer=self.peer_ip, service=str(f.service))
         self._reply(Reply(220, None, f"{f.config.hostname} ESMTP mx"))
 
-    def _refuse(self, reply: Reply, why: str) -> None:
-        log.info("refused connection from {peer} on {service}: {why}", peer=self.peer_ip, service=self.factory.kind, why=why)
+    def _refuse(self, reply: Reply, why: Refusal) -> None:
+        log.info(
+            "refused connection from {peer} on {service}: {why}",
+            peer=self.peer_ip, service=str(self.service), why=why.value, code=reply.code,
+            connections=self.factory.registry.total,
+        )
         self.transport.write(reply.to_bytes())
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._open = False
         self.setTimeout(None)
-        if self.message is not None and not self._busy:
+        self.sasl.cancel()
+        if self.message is not None:
+            # A message being committed has left self.message already (_end_data).
             self.message.discard()
             self.message = None
         if self._counted:
-            f = self.factory
-            f.per_ip[self.client] -= 1
-            if f.per_ip[self.client] <= 0:
-                del f.per_ip[self.client]
             self._counted = False
-            f._gone(self)
+            self.factory.registry.release(self)
 
     def timeoutConnection(self) -> None:
         log.info("idle timeout for {peer}", peer=self.peer_ip)
@@ -248,6 +277,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._open = False
         self.transport.loseConnection()
 
+    def abort(self) -> None:
+        self._open = False
+        self.transport.abortConnection()
+
     # -- input -----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -262,7 +295,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 break
             if isinstance(event, DataChunk):
                 if self.message is not None:
-                    self.message.write(event.data)
+                    self._write_data(event.data)
             elif isinstance(event, Command):
                 self._run(self._dispatch, event)
             elif isinstance(event, DataEnd):
@@ -270,31 +303,64 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             elif isinstance(event, RawLine):
                 self._run(self._sasl_step, event.text)
             elif isinstance(event, BadLine):
-                self._sasl = None
+                self.sasl.cancel()
                 self._error(event.reply)
         if self._busy and not self._paused and self._open and self.session.buffered > PAUSE_BUFFER:
             # Pausing costs two epoll syscalls; only worth it when a client pipelines a lot.
             self._paused = True
             self.transport.pauseProducing()
 
-    def _run(self, handler: Callable[[Any], Reply | Deferred[Reply] | None], arg: Any) -> None:
+    def _run(self, handler: Callable[[Any], Reply | Deferred[Reply | None] | None], arg: Any) -> None:
         try:
             result = handler(arg)
         except Reply as r:
             self._error(r) if r.code >= 500 else self._reply(r)
             return
+        except Exception:
+            reply = self._internal_error(Failure())
+            if reply is not None:
+                self._reply(reply)
+            return
         if isinstance(result, Deferred):
             self._busy = True
             result.addErrback(self._handler_failed)
             result.addCallback(self._resume)
+            result.addErrback(lambda f: log.failure("internal error after a reply to {peer}", f, peer=self.peer_ip))
         elif result is not None:
             self._reply(result)
 
-    def _handler_failed(self, failure: Failure) -> Reply:
+    def _handler_failed(self, failure: Failure) -> Reply | None:
         if failure.check(Reply):
             return failure.value
-        log.failure("internal error for {peer}", failure, peer=self.peer_ip)
-        return Reply(451, "4.3.0", "Internal error, try again later")
+        return self._internal_error(failure)
+
+    def _internal_error(self, failure: Failure) -> Reply | None:
+        """A bug, not a client error: log it, forget the transaction, keep the connection."""
+        log.failure(
+            "internal error for {peer} on {service}", failure,
+            peer=self.peer_ip, service=str(self.factory.service), code=451,
+        )
+        self.sasl.cancel()
+        if self.session.in_data:
+            # The 354 went out; answer at the final dot, never in the middle of the stream.
+            self._data_error = INTERNAL_ERROR
+            if self.message is not None:
+                self.message.discard()
+                self.message = None
+            return None
+        self._reset_transaction()
+        return INTERNAL_ERROR
+
+    def _write_data(self, data: bytes) -> None:
+        assert self.message is not None
+        try:
+            wait = self.message.write(data)
+        except Exception:
+            self._internal_error(Failure())
+            return
+        if wait is not None:
+            # The spill file is behind: take no more input until the disk catches up.
+            self._run(lambda _: wait, None)
 
     def _resume(self, reply: Reply | None) -> None:
         self._busy = False
@@ -340,6 +406,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.sender = None
         self.recipients = []
         self.mail_size = None
+        self._data_error = None
         if self.message is not None:
             self.message.discard()
             self.message = None
@@ -374,7 +441,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self.factory.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
         if self._auth_offered():
-            lines.append("AUTH PLAIN LOGIN")
+            lines.append("AUTH " + " ".join(MECHANISMS))
         # Reply.to_bytes would put the enhanced code on every line; EHLO lines carry none.
         return Reply(250, None, "\n".join(lines))
 
@@ -426,18 +493,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def smtp_DATA(self, arg: str) -> Reply:
         if arg:
             raise Reply(501, "5.5.4", "DATA takes no arguments")
+        self.message = self.factory.delivery.new_message(stream=True)
         self.session.start_data(self.factory.config.limits.max_message_size)
-        self.message = self.factory.delivery.new_message()
         return Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 
     def _end_data(self, end: DataEnd) -> Reply | Deferred[Reply]:
-        if end.error is not None:
+        error = end.error or self._data_error
+        if error is not None:
             log.info(
                 "refused message from {sender} ({peer}): {code} {text}",
-                sender=str(self.sender or ""), peer=self.peer_ip, code=end.error.code, text=end.error.text,
+                sender=str(self.sender or ""), peer=self.peer_ip, code=error.code, text=error.text,
             )
             self._reset_transaction()
-            raise end.error
+            raise error
         assert self.message is not None
         env = Envelope(
             msgid=new_message_id(),
@@ -452,22 +520,28 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         )
         message, self.message = self.message, None
         self._reset_transaction()
-        d = self.factory.delivery.commit(env, message)
-        return d.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(env, end.size), errbackArgs=(env,))
+        # The spill file (if any) is complete and closed before commit reads it; a commit
+        # that raises, at once or later, becomes the errback below (a 451, file removed).
+        d = message.flushed()
+        d.addCallback(lambda _: self.factory.delivery.commit(env, message))
+        return d.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(env, message), errbackArgs=(env, message))
 
-    def _accepted(self, _files: object, env: Envelope, size: int) -> Reply:
-        # Delivery.commit logged the message and told the relay of any queue entry.
-        return Reply(250, "2.0.0", f"OK id={env.msgid}")
+    def _accepted(self, _files: object, env: Envelope, message: IncomingMessage) -> Deferred[Reply]:
+        # Delivery.commit logged the message and told the relay of any queue entry; it also
+        # discarded the message: the 250 waits until the spill file is gone.
+        reply = Reply(250, "2.0.0", f"OK id={env.msgid}")
+        return message.discard().addBoth(lambda _: reply)
 
-    def _not_accepted(self, failure: Failure, env: Envelope) -> Reply:
-        log.failure("could not store {msgid} from {peer}", failure, msgid=env.msgid, peer=self.peer_ip)
-        return Reply(451, "4.3.0", "Could not store the message, try again later")
+    def _not_accepted(self, failure: Failure, env: Envelope, message: IncomingMessage) -> Deferred[Reply]:
+        log.failure("could not store {msgid} from {peer}", failure, msgid=env.msgid, peer=self.peer_ip, code=451)
+        reply = Reply(451, "4.3.0", "Could not store the message, try again later")
+        return message.discard().addBoth(lambda _: reply)
 
-    def _protocol_name(self) -> str:
+    def _protocol_name(self) -> WithProtocol:
         # RFC 3848: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA (both)
         if not self.esmtp:
-            return "SMTP"
-        return "ESMTP" + ("S" if self.tls_active else "") + ("A" if self.user else "")
+            return WithProtocol.SMTP
+        return WithProtocol("ESMTP" + ("S" if self.tls_active else "") + ("A" if self.user else ""))
 
     # -- STARTTLS (RFC 3207) -----------------------------------------------------------
 
@@ -487,112 +561,73 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.tls_active = True
         self._reset_transaction()
         self.helo, self.esmtp, self.state = "", False, State.GREETED
-        self.user, self._sasl = None, None  # an AUTH from before TLS does not count either
+        self.user = None  # an AUTH from before TLS does not count either
+        self.sasl.cancel()
         return None
 
-    # -- AUTH (RFC 4954) ---------------------------------------------------------------
-
-    def _plaintext_ok(self) -> bool:
-        try:
-            ip = ipaddress.ip_address(self.peer_ip)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.factory.config.auth.plaintext_without_tls)
+    # -- AUTH (RFC 4954): the exchange and the brakes are mx.auth's ---------------------
 
     def _auth_offered(self) -> bool:
-        return self.factory.authenticator is not None and (self.tls_active or self._plaintext_ok())
+        return self.factory.authenticator is not None and plaintext_allowed(
+            self.peer_ip, self.tls_active, self.factory.config.auth.plaintext_without_tls
+        )
 
     def smtp_AUTH(self, arg: str) -> Reply | Deferred[Reply]:
         auth = self.factory.authenticator
-        if auth is None:
+        if auth is None or self.brake is None:
             raise Reply(503, "5.5.1", "AUTH not available on this port")
         if self.user is not None:
             raise Reply(503, "5.5.1", "Already authenticated")
         if not self._auth_offered():
             raise Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
-        if auth.failures.blocked(self.client):
+        if self.brake.blocked():
             log.info("refused AUTH from {peer}: too many failures", peer=self.peer_ip)
             self._reply(Reply(421, "4.7.0", "Too many authentication failures, try later"))
             self._close()
             return None  # type: ignore[return-value]
         mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism == "PLAIN":
-            if initial:
-                return self._auth_plain(initial)
-            return self._challenge("", self._auth_plain)
-        if mechanism == "LOGIN":
-            if initial:
-                return self._login_user(initial)
-            return self._challenge(LOGIN_USER, self._login_user)
-        raise Reply(504, "5.5.4", "Unrecognized authentication type")
-
-    def _challenge(self, text: str, step: Callable[[str], Reply | Deferred[Reply]]) -> Reply:
-        self._sasl = step
-        self.session.expect_raw_line()
-        return Reply(334, None, text)
+        return self._sasl_outcome(self.sasl.start(mechanism, initial or None))
 
     def _sasl_step(self, line: str) -> Reply | Deferred[Reply]:
-        step, self._sasl = self._sasl, None
-        if step is None:
-            raise Reply(500, "5.5.2", "Unexpected line")
-        if line == "*":
-            raise Reply(501, "5.0.0", "Authentication canceled")  # RFC 4954 §4
-        return step(line)
+        return self._sasl_outcome(self.sasl.step(line))
 
-    def _auth_plain(self, response: str) -> Deferred[Reply]:
-        try:
-            username, password = decode_plain(decode_b64(response))
-        except SASLError as e:
-            raise Reply(501, "5.5.2", f"Bad AUTH PLAIN response: {e}") from None
-        return self._verify(username, password)
-
-    def _login_user(self, response: str) -> Reply:
-        try:
-            username = decode_b64(response).decode("utf-8")
-        except (SASLError, UnicodeDecodeError):
-            raise Reply(501, "5.5.2", "Bad AUTH LOGIN user name") from None
-        return self._challenge(LOGIN_PASS, lambda r: self._login_password(username, r))
-
-    def _login_password(self, username: str, response: str) -> Deferred[Reply]:
-        try:
-            password = decode_b64(response).decode("utf-8")
-        except (SASLError, UnicodeDecodeError):
-            raise Reply(501, "5.5.2", "Bad AUTH LOGIN password") from None
-        return self._verify(username, password)
-
-    def _verify(self, username: str, password: str) -> Deferred[Reply]:
+    def _sasl_outcome(self, outcome: Challenge | Credentials | Rejected) -> Reply | Deferred[Reply]:
+        if isinstance(outcome, Challenge):
+            self.session.expect_raw_line()
+            return Reply(334, None, outcome.text)
+        if isinstance(outcome, Rejected):
+            if outcome.problem is SASLProblem.UNKNOWN_MECHANISM:
+                raise Reply(504, "5.5.4", outcome.text)
+            if outcome.problem is SASLProblem.CANCELLED:
+                raise Reply(501, "5.0.0", outcome.text)  # RFC 4954 §4
+            if outcome.problem is SASLProblem.NOT_EXPECTED:
+                raise Reply(500, "5.5.2", outcome.text)
+            raise Reply(501, "5.5.2", outcome.text)
         auth = self.factory.authenticator
         assert auth is not None
-        d = auth.check(username, password)
-        return d.addCallback(self._verified, username)
+        d = auth.check(outcome.username, outcome.password)
+        return d.addCallback(self._verified, outcome.username)
 
     def _verified(self, user: str | None, username: str) -> Reply | Deferred[Reply]:
-        auth = self.factory.authenticator
-        assert auth is not None
+        assert self.brake is not None
         if user is not None:
             self.user = user
-            log.info("authenticated {user} from {peer} on {service}", user=user, peer=self.peer_ip, service=self.factory.kind)
+            log.info("authenticated {user} from {peer} on {service}", user=user, peer=self.peer_ip, service=str(self.service))
             return Reply(235, "2.7.0", "Authentication successful")
-        self.auth_failures += 1
-        auth.failures.failed(self.client)
+        verdict = self.brake.failed()
         log.info(
             "authentication failed for {username} from {peer} ({count} on this connection)",
-            username=username[:100], peer=self.peer_ip, count=self.auth_failures,
+            username=username[:100], peer=self.peer_ip, count=self.brake.failures,
         )
-        if self.auth_failures >= MAX_AUTH_FAILURES:
-            self._reply(Reply(535, "5.7.8", "Authentication credentials invalid"))
+        reply = Reply(535, "5.7.8", "Authentication credentials invalid")
+        if verdict.close:
+            self._reply(reply)
             self._reply(Reply(421, "4.7.0", "Too many authentication failures"))
             self._close()
             return None  # type: ignore[return-value]
-        # Slow down guessing: each further failure waits longer before it is answered.
-        delay = auth.failures.delay(self.client, self.auth_failures)
-        reply = Reply(535, "5.7.8", "Authentication credentials invalid")
-        if delay <= 0:
+        if verdict.delay <= 0:
             return reply
-        return deferLater(self.factory.clock, delay, lambda: reply)
+        return deferLater(self.factory.clock, verdict.delay, lambda: reply)
 
     def smtp_RSET(self, arg: str) -> Reply:
         if arg:

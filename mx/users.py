@@ -6,6 +6,7 @@ be shared with a Dovecot.
 
 Invariants:
 - Pure: no Twisted. Keys are canonical addresses (`Address.canonical`).
+- `UserDB` answers from memory; only `refresh()` (run in a thread pool) touches the file.
 - `write_users` replaces the file atomically (temp file in the same folder, fsync, rename,
   fsync the folder), mode 0600, sorted: a reader sees the old or the new file, never half.
 - `verify_password` never raises for bad input; a malformed or foreign hash is a mismatch.
@@ -16,9 +17,8 @@ Invariants:
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import argon2
 import argon2.exceptions
@@ -122,45 +122,43 @@ def write_users(path: Path, users: Mapping[str, str]) -> None:
 
 
 class UserDB:
-    """The users file as the server sees it: re-read when it changes, so `mx user add`
-    takes effect without a restart.
+    """The users file as the server sees it: an in-memory table, re-read when the file
+    changes, so `mx user add` takes effect without a restart.
 
-    The check is one `os.stat` at most once a second (`clock` seconds). If a changed file
-    cannot be read, the previous table stays in force and `error` says why; it is retried
-    at the next change.
+    `lookup`, `exists` and `users` answer from memory only (they run on the reactor thread,
+    at every RCPT and AUTH). `refresh()` does the file work: one `os.stat`, and a re-read
+    only if the file changed; the server runs it once a second in a thread pool (`tap`),
+    tests and the CLI call it directly. If a changed file cannot be read, the previous table
+    stays in force and `error` says why; it is retried at the next change.
+
+    Thread safety: `refresh` replaces the table with one assignment; readers on another
+    thread see the old table or the new one, never a mix.
     """
 
-    RECHECK_INTERVAL = 1.0
+    RECHECK_INTERVAL = 1.0  # seconds between refreshes in the server
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.error: str | None = None
-        self._clock = clock
         self._users: dict[str, str] = {}
         self._signature: tuple[int, int, int] | None = None
-        self._checked_at: float | None = None
         self._refresh(initial=True)
 
     def lookup(self, canonical: str) -> str | None:
-        """The stored hash for `canonical`, or None if there is no such user."""
-        self._maybe_refresh()
+        """The stored hash for `canonical`, or None if there is no such user (memory only)."""
         return self._users.get(canonical)
 
     def exists(self, canonical: str) -> bool:
-        return self.lookup(canonical) is not None
+        return canonical in self._users
 
     def users(self) -> frozenset[str]:
-        self._maybe_refresh()
         return frozenset(self._users)
 
-    def _maybe_refresh(self) -> None:
-        now = self._clock()
-        if self._checked_at is not None and now - self._checked_at < self.RECHECK_INTERVAL:
-            return
-        self._checked_at = now
-        self._refresh(initial=False)
+    def refresh(self) -> bool:
+        """Re-read the file if it changed (blocking: call it in a thread); True if re-read."""
+        return self._refresh(initial=False)
 
-    def _refresh(self, initial: bool) -> None:
+    def _refresh(self, initial: bool) -> bool:
         try:
             st = os.stat(self.path)
             # An atomic replace always changes the inode; mtime and size catch in-place edits.
@@ -168,7 +166,7 @@ class UserDB:
         except FileNotFoundError:
             signature = None
         if signature == self._signature and not initial:
-            return
+            return False
         try:
             users = read_users(self.path) if signature is not None else {}
         except UsersError as e:
@@ -176,7 +174,6 @@ class UserDB:
                 raise
             self.error = str(e)
             self._signature = signature  # do not re-read a broken file every second
-            return
+            return False
         self._users, self._signature, self.error = users, signature, None
-        if initial:
-            self._checked_at = self._clock()
+        return True

@@ -38,6 +38,7 @@ key = "/abs/key.pem"
 [auth]
 users_file = "passwd"
 plaintext_without_tls = ["10.0.0.0/8", "2001:db8::/32"]
+authenticated_header = true
 
 [aliases]
 "Postmaster@example.test" = ["alice@example.test", "Bob@Remote.example"]
@@ -46,6 +47,8 @@ plaintext_without_tls = ["10.0.0.0/8", "2001:db8::/32"]
 [relay]
 port = 2525
 smarthost = "smtp.provider.example:587"
+smarthost_user = "relay@example.test"
+smarthost_password_file = "secrets/smarthost.pw"
 retry = ["30s", "1h30m"]
 max_lifetime = "2d"
 delay_warning = ""
@@ -60,6 +63,7 @@ max_message_size = 1000
 max_recipients = 5
 max_connections_per_ip = 3
 idle_timeout = "90s"
+max_connections = 50
 """
 
 
@@ -102,12 +106,15 @@ class DefaultsTests(SynchronousTestCase, LoadHelper):
                          (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1")))
         self.assertEqual(dict(config.aliases), {})
         self.assertEqual(config.relay, mxconfig.RelayConfig(
-            port=25, smarthost=None, retry=(60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0),
-            max_lifetime=5 * 86400.0, delay_warning=4 * 3600.0, tls="opportunistic"))
+            port=25, smarthost=None, smarthost_user="", smarthost_password_file=None,
+            retry=(60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0),
+            max_lifetime=5 * 86400.0, delay_warning=4 * 3600.0, tls=mxconfig.RelayTLS.OPPORTUNISTIC))
+        self.assertIsInstance(config.relay.tls, mxconfig.RelayTLS)
         self.assertEqual(config.dns, mxconfig.DNSConfig(nameservers=(), timeout=5.0))
         self.assertEqual(config.limits, mxconfig.LimitsConfig(
             max_message_size=25 * 1024 * 1024, max_recipients=100, max_connections_per_ip=20,
-            idle_timeout=300.0))
+            idle_timeout=300.0, max_connections=1000))
+        self.assertIs(config.auth.authenticated_header, False)  # Postfix's default: no login in Received:
 
     def test_empty_file_is_defaults_relative_to_its_folder(self) -> None:
         path = self.write("")
@@ -161,12 +168,15 @@ class EveryKeyTests(SynchronousTestCase, LoadHelper):
             "abuse@xn--bcher-kva.example": ("alice@example.test",),
         })
         self.assertEqual(config.relay, mxconfig.RelayConfig(
-            port=2525, smarthost=("smtp.provider.example", 587), retry=(30.0, 5400.0),
-            max_lifetime=2 * 86400.0, delay_warning=None, tls="required"))
+            port=2525, smarthost=("smtp.provider.example", 587), smarthost_user="relay@example.test",
+            smarthost_password_file=base / "secrets" / "smarthost.pw", retry=(30.0, 5400.0),
+            max_lifetime=2 * 86400.0, delay_warning=None, tls=mxconfig.RelayTLS.REQUIRED))
+        self.assertEqual(config.relay.tls, "required")  # a StrEnum compares equal to its value
         self.assertEqual(config.dns.nameservers, (
             ("127.0.0.1", 5353), ("192.0.2.1", 53), ("::1", 53), ("2001:db8::1", 53)))
         self.assertEqual(config.dns.timeout, 0.5)
-        self.assertEqual(config.limits, mxconfig.LimitsConfig(1000, 5, 3, 90.0))
+        self.assertEqual(config.limits, mxconfig.LimitsConfig(1000, 5, 3, 90.0, max_connections=50))
+        self.assertIs(config.auth.authenticated_header, True)
 
     def test_config_is_frozen(self) -> None:
         config = self.load_text(FULL)
@@ -189,6 +199,29 @@ class EveryKeyTests(SynchronousTestCase, LoadHelper):
                                ("[2001:db8::7]:587", ("2001:db8::7", 587))]:
             config = self.load_text(f'[relay]\nsmarthost = "{text}"\n')
             self.assertEqual(config.relay.smarthost, expected, text)
+
+    def test_smarthost_credentials_come_in_pairs(self) -> None:
+        path = self.write('[relay]\nsmarthost = "smtp.example:465"\nsmarthost_user = "me@example.test"\n'
+                          'smarthost_password_file = "smarthost.pw"\n')
+        config = load(path)  # pure: the password file need not exist yet
+        self.assertEqual((config.relay.smarthost_user, config.relay.smarthost_password_file),
+                         ("me@example.test", path.parent / "smarthost.pw"))
+        self.assertEqual(
+            self.error_for('[relay]\nsmarthost = "smtp.example"\nsmarthost_user = "u"\n'),
+            "relay.smarthost_password_file: required when relay.smarthost_user is set")
+        self.assertEqual(
+            self.error_for('[relay]\nsmarthost = "smtp.example"\nsmarthost_password_file = "pw"\n'),
+            "relay.smarthost_user: required when relay.smarthost_password_file is set")
+        self.assertEqual(
+            self.error_for('[relay]\nsmarthost_user = "u"\nsmarthost_password_file = "pw"\n'),
+            "relay.smarthost_user: credentials need relay.smarthost (they are only sent there)")
+
+    def test_describe_shows_auth_and_limits_keys(self) -> None:
+        """`mx check` prints the new keys as TOML (a boolean is `true`/`false`, not `True`)."""
+        text = describe(self.load_text("[auth]\nauthenticated_header = true\n[limits]\nmax_connections = 7\n"))
+        self.assertIn("\nauthenticated_header = true\n", text)
+        self.assertIn("\nmax_connections = 7\n", text)
+        self.assertIn("\nauthenticated_header = false\n", describe(self.load_text("")))
 
     def test_describe_round_trips(self) -> None:
         for text in (FULL, "", '[listen]\nimap = "tcp:143"\n'):
@@ -275,6 +308,13 @@ class ErrorTests(SynchronousTestCase, LoadHelper):
         ("[relay]\nmax_lifetime = 3600", "relay.max_lifetime"),
         ('[relay]\ndelay_warning = "4 hours"', "relay.delay_warning"),
         ('[relay]\ntls = "maybe"', "relay.tls"),
+        ('[relay]\nsmarthost = "smtp.example"\nsmarthost_user = "u"', "relay.smarthost_password_file"),
+        ('[relay]\nsmarthost = "smtp.example"\nsmarthost_password_file = "pw"', "relay.smarthost_user"),
+        ('[relay]\nsmarthost_user = "u"\nsmarthost_password_file = "pw"', "relay.smarthost_user"),
+        ('[relay]\nsmarthost = "smtp.example"\nsmarthost_user = "u\\n"\nsmarthost_password_file = "pw"',
+         "relay.smarthost_user"),
+        ('[relay]\nsmarthost_user = 5', "relay.smarthost_user"),
+        ('[relay]\nsmarthost_password_file = 5', "relay.smarthost_password_file"),
         ('[dns]\nnameservers = ["ns.example"]', "dns.nameservers"),
         ('[dns]\nnameservers = ["127.0.0.1:99999"]', "dns.nameservers"),
         ('[dns]\ntimeout = "0s"', "dns.timeout"),
@@ -283,6 +323,10 @@ class ErrorTests(SynchronousTestCase, LoadHelper):
         ("[limits]\nmax_recipients = -1", "limits.max_recipients"),
         ("[limits]\nmax_recipients = 1.5", "limits.max_recipients"),
         ("[limits]\nmax_connections_per_ip = 0", "limits.max_connections_per_ip"),
+        ("[limits]\nmax_connections = 0", "limits.max_connections"),
+        ('[limits]\nmax_connections = "many"', "limits.max_connections"),
+        ('[auth]\nauthenticated_header = "yes"', "auth.authenticated_header"),
+        ("[auth]\nauthenticated_header = 1", "auth.authenticated_header"),
         ('[limits]\nidle_timeout = "5"', "limits.idle_timeout"),
     ]
 

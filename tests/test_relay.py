@@ -356,9 +356,9 @@ class OutcomeTests(RelayTestCase):
         per_message, [block] = report(bounce)
         self.assertEqual(per_message["Reporting-MTA"], f"dns; {HOSTNAME}")
         self.assertEqual(per_message["X-Mx-Queue-ID"], queue_id)
-        # The relay reports the address the sender used (the alias); RFC 3464 §2.3.2 would
-        # rather have the address attempted here, with the alias as Original-Recipient.
-        self.assertIn(block["Final-Recipient"], (f"rfc822; {FWD}", f"rfc822; {RCPT}"))
+        # RFC 3464 §2.3.2: the address attempted; §2.3.1: the one the sender gave (the alias).
+        self.assertEqual(block["Final-Recipient"], f"rfc822; {RCPT}")
+        self.assertEqual(block["Original-Recipient"], f"rfc822; {FWD}")
         self.assertEqual(block["Action"], "failed")
         self.assertRegex(block["Status"], r"^5\.\d{1,3}\.\d{1,3}$")
         self.assertEqual(block["Status"], "5.1.1")

@@ -24,15 +24,15 @@ from twisted.internet.ssl import Certificate
 from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SkipTest, TestCase
 
-from mx.smtp import dot_stuff
+from mx.smtp import BodyEncoder, MalformedReply, dot_stuff
 from mx.smtpclient import (
     CHUNK_SIZE,
     ReplyParser,
     ServerReply,
     SMTPClientConnection,
     SMTPClientError,
+    Stage,
     Timeouts,
-    _BodyEncoder,
 )
 
 HELO = "client.example"
@@ -258,7 +258,7 @@ class PureTests(TestCase):
         for bad in (b"hello\r\n", b"25 x\r\n", b"250x\r\n", b"250-a\r\n251 b\r\n", b"650 x\r\n",
                     b"250 " + b"x" * 5000, b"250-" + b"x" * 1000 + b"\r\n"):
             p = ReplyParser()
-            with self.assertRaises(Exception, msg=bad[:20]):
+            with self.assertRaises(MalformedReply, msg=bad[:20]):
                 for _ in range(100):
                     p.feed(bad)
 
@@ -267,10 +267,10 @@ class PureTests(TestCase):
         msg = b".a\r\n.\r\n..x\r\nb\r\n.\r\n.c\rd\ne\r\n."
         want = dot_stuff(b".a\r\n.\r\n..x\r\nb\r\n.\r\n.c\r\nd\r\ne\r\n.", True) + b"\r\n.\r\n"
         for i in range(len(msg) + 1):
-            enc = _BodyEncoder()
+            enc = BodyEncoder()
             got = enc.feed(msg[:i]) + enc.feed(msg[i:]) + enc.finish()
             self.assertEqual(got, want, i)
-        enc = _BodyEncoder()
+        enc = BodyEncoder()
         self.assertEqual(enc.finish(), b".\r\n")
 
 

@@ -108,7 +108,7 @@ class SubmissionCase(TestCase):
     timeout = 60
 
     async def start(self, *, plaintext: list[str] | None = None, relay: dict[str, Any] | None = None,
-                    **options: Any) -> dict[str, int]:
+                    authenticated_header: bool | None = None, **options: Any) -> dict[str, int]:
         """The whole server with all three SMTP listeners; returns their ports.
 
         `plaintext`: `auth.plaintext_without_tls` (None: the default, loopback allowed).
@@ -117,8 +117,13 @@ class SubmissionCase(TestCase):
         self.cert, self.key = write_tls_files(folder / "tls", _ca)
         self.cafile = write_ca_file(folder, _ca)
         extra = tls_section(self.cert, self.key)
+        auth = {}
         if plaintext is not None:
-            extra += f"\n[auth]\nplaintext_without_tls = {_toml(plaintext)}\n"
+            auth["plaintext_without_tls"] = plaintext
+        if authenticated_header is not None:
+            auth["authenticated_header"] = authenticated_header
+        if auth:
+            extra += "\n[auth]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in auth.items())
         if relay:
             extra += "\n[relay]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in relay.items())
         self.config = make_config(self, listen=LISTEN, aliases=ALIASES, extra=extra, folder=folder)
@@ -630,8 +635,39 @@ class SenderPolicyTests(SubmissionCase):
         for refused in (BOB, "bobby@example.test", "alice@remote.test", "alice@other.example.test"):
             self.assertReply(out[refused], 553, "5.7.1")
 
-    async def test_local_delivery_names_the_user_not_the_password(self) -> None:
+    async def deliver_as_alice(self) -> tuple[bytes, bytes]:
+        """ALICE submits to BOB on submissions; (BOB's Received header, the whole file)."""
+        body = message(ALICE, BOB, "local")
+
+        def client() -> dict[Any, Any]:
+            s = self.logged_in("submissions")
+            try:
+                return s.sendmail(ALICE, [BOB], body)
+            finally:
+                quit_quietly(s)
+
+        self.assertEqual(await self.thread(client), {})
+        [path] = new_files(self.config, "bob")
+        content = path.read_bytes()
+        return split_delivered(content)[1], content
+
+    async def test_received_does_not_name_the_login_by_default(self) -> None:
+        """Defect D: like Postfix (smtpd_sasl_authenticated_header = no), the login stays private;
+        the protocol name still says AUTH was used (RFC 3848)."""
         await self.start()
+        received, content = await self.deliver_as_alice()
+        self.assertIn(b"with ESMTPSA", received)
+        self.assertNotIn(b"authenticated", received)
+        self.assertNotIn(ALICE.encode(), received)
+
+    async def test_received_names_the_login_when_configured(self) -> None:
+        await self.start(authenticated_header=True)
+        received, _content = await self.deliver_as_alice()
+        self.assertIn(b"with ESMTPSA", received)
+        self.assertIn(f"(authenticated as {ALICE})".encode(), received)
+
+    async def test_local_delivery_names_the_user_not_the_password(self) -> None:
+        await self.start(authenticated_header=True)
         body = message(ALICE, BOB, "local")
 
         def client() -> dict[Any, Any]:

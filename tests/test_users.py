@@ -118,50 +118,74 @@ class NormaliseTests(SynchronousTestCase):
 
 
 class UserDBTests(SynchronousTestCase):
+    """The table is served from memory; `refresh()` (the server runs it in a thread pool once
+    a second) is the only thing that looks at the file."""
+
     def setUp(self) -> None:
         folder = Path(self.mktemp())
         folder.mkdir()
         self.path = folder / "users"
-        self.now = 1000.0
-        self.db = UserDB(self.path, clock=lambda: self.now)
+        self.db = UserDB(self.path)
 
     def test_missing_file_then_created(self) -> None:
         self.assertEqual(self.db.users(), frozenset())
         self.assertIsNone(self.db.lookup("alice@localhost"))
         write_users(self.path, {"alice@localhost": "{ARGON2ID}$a"})
-        # Within a second the old answer stands: one stat per second at most.
-        self.now += 0.5
+        # Until the next refresh the old answer stands: lookups never touch the file.
         self.assertFalse(self.db.exists("alice@localhost"))
-        self.now += 0.6
+        self.assertTrue(self.db.refresh())
         self.assertTrue(self.db.exists("alice@localhost"))
         self.assertEqual(self.db.lookup("alice@localhost"), "{ARGON2ID}$a")
         self.assertEqual(self.db.users(), frozenset({"alice@localhost"}))
+        self.assertFalse(self.db.refresh())  # unchanged: not re-read
 
     def test_reload_after_change_and_delete(self) -> None:
         write_users(self.path, {"alice@localhost": "{ARGON2ID}$a"})
-        self.now += 2
+        self.db.refresh()
         self.assertTrue(self.db.exists("alice@localhost"))
         write_users(self.path, {"alice@localhost": "{ARGON2ID}$new", "bob@localhost": "{ARGON2ID}$b"})
-        self.now += 2
+        self.db.refresh()
         self.assertEqual(self.db.lookup("alice@localhost"), "{ARGON2ID}$new")
         self.assertTrue(self.db.exists("bob@localhost"))
         self.path.unlink()
-        self.now += 2
+        self.db.refresh()
         self.assertEqual(self.db.users(), frozenset())
 
     def test_broken_file_keeps_previous_users(self) -> None:
         write_users(self.path, {"alice@localhost": "{ARGON2ID}$a"})
-        self.now += 2
+        self.db.refresh()
         self.assertTrue(self.db.exists("alice@localhost"))
         self.path.write_text("garbage line\n")
-        self.now += 2
+        self.assertFalse(self.db.refresh())
         self.assertTrue(self.db.exists("alice@localhost"))
         self.assertIn("line 1", self.db.error or "")
         write_users(self.path, {"bob@localhost": "{ARGON2ID}$b"})
-        self.now += 2
+        self.db.refresh()
         self.assertEqual(self.db.users(), frozenset({"bob@localhost"}))
         self.assertIsNone(self.db.error)
 
     def test_broken_file_at_start_is_an_error(self) -> None:
         self.path.write_text("garbage line\n")
         self.assertRaises(UsersError, UserDB, self.path)
+
+    def test_lookups_never_touch_the_file(self) -> None:
+        """Defect A: RCPT and AUTH run `lookup`/`exists` on the reactor thread; only
+        `refresh()` may stat or read the users file."""
+        write_users(self.path, {"alice@localhost": "{ARGON2ID}$a"})
+        db = UserDB(self.path)
+        calls: list[str] = []
+        real_stat = os.stat
+
+        def stat(*args: object, **kwargs: object) -> os.stat_result:
+            calls.append(str(args[0]))
+            return real_stat(*args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(os, "stat", stat)
+        self.patch(UserDB, "RECHECK_INTERVAL", 0.0)  # the old lazy refresh would stat every time
+        for _ in range(3):
+            self.assertTrue(db.exists("alice@localhost"))
+            self.assertEqual(db.lookup("alice@localhost"), "{ARGON2ID}$a")
+            self.assertEqual(db.users(), frozenset({"alice@localhost"}))
+        self.assertEqual(calls, [])
+        db.refresh()
+        self.assertEqual(calls, [str(self.path)])
