@@ -222,8 +222,11 @@ class MxServer(Server):
         # twistd's entry point run in-process rather than the `twistd` script: no pyenv
         # shim in between, so Popen's pid is the server's and /proc figures are its own.
         # (Not `python -m twisted`: that is the `twist` runner, which rejects -n.)
+        # MX_PROFILE=/tmp/prof: profile the reactor thread with cProfile (twistd --profile)
+        prof = os.environ.get("MX_PROFILE")
+        extra = [f"--profile={prof}.{os.getpid()}.{time.time():.0f}", "--profiler=cprofile", "--savestats"] if prof else []
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile", "", "mx", "--config", self.config]
+                "-n", "--pidfile", "", *extra, "mx", "--config", self.config]
 
 
 class AiosmtpdServer(Server):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTCP, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -119,24 +119,38 @@ class _UnreadableBody(Exception):
 
 
 class _QueueBody:
-    """A queued message file read in the disk pool, one chunk per thread trip, so the
-    reactor thread never blocks on it (an `smtpclient.BodySource`)."""
+    """A queued message file read in the disk pool, so the reactor thread never blocks on
+    it (an `smtpclient.BodySource`).
 
-    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, path: Path, f: BinaryIO) -> None:
+    Opening it reads the first `FIRST_READ` bytes in the same thread trip: most messages
+    are smaller, so they cost one trip (each trip waits for the GIL behind the reactor, so
+    trips, not bytes, are what a drain pays for). Larger ones stream on in `CHUNK_SIZE`
+    reads, one trip each.
+    """
+
+    FIRST_READ = 256 * 1024
+
+    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, path: Path, f: BinaryIO | None,
+                 first: bytes) -> None:
         self._reactor = reactor
         self._pool = pool
         self.path = path
-        self._file: BinaryIO | None = f
+        self._file = f
+        self._first: bytes | None = first
 
     @classmethod
     async def open(cls, reactor: IReactorFromThreads, pool: ThreadPool, path: Path) -> _QueueBody:
         try:
-            f = await deferToThreadPool(reactor, pool, open, path, "rb")
+            f, first = await deferToThreadPool(reactor, pool, _open_and_read, path, cls.FIRST_READ)
         except OSError as e:
             raise _UnreadableBody(f"local error: the queued message file is unreadable ({e.strerror or e})") from None
-        return cls(reactor, pool, path, f)
+        return cls(reactor, pool, path, f, first)
 
     async def read_chunk(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            if first:
+                return first
         if self._file is None:
             return b""
         try:
@@ -149,9 +163,24 @@ class _QueueBody:
         return data
 
     def close(self) -> None:
+        self._first = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _open_and_read(path: Path, size: int) -> tuple[BinaryIO | None, bytes]:
+    """In a disk thread: the file's first `size` bytes, and the open file if there is more."""
+    f = open(path, "rb")
+    try:
+        first = f.read(size)
+    except BaseException:
+        f.close()
+        raise
+    if len(first) < size:
+        f.close()
+        return None, first
+    return f, first
 
 
 class Relay(service.Service):
@@ -245,12 +274,22 @@ class Relay(service.Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        tasks = list(self._running_tasks)
-        done = DeferredList(tasks, consumeErrors=True)
-        if tasks:
-            timer = self.clock.callLater(STOP_GRACE, lambda: [t.cancel() for t in tasks])
-            done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-        return done
+        timer = self.clock.callLater(STOP_GRACE, self._cancel_running)
+
+        async def drain() -> None:
+            # Tasks started meanwhile (a worker recording its last outcome) are waited for too.
+            while self._running_tasks:
+                if not timer.active():
+                    self._cancel_running()  # past the grace time: cut what started since
+                await DeferredList(list(self._running_tasks), consumeErrors=True)
+            if timer.active():
+                timer.cancel()
+
+        return Deferred.fromCoroutine(drain())
+
+    def _cancel_running(self) -> None:
+        for task in list(self._running_tasks):
+            task.cancel()
 
     # -- scheduling ------------------------------------------------------------------
 
@@ -375,10 +414,13 @@ class Relay(service.Service):
         ):
             self._workers[dest] += 1
             self._active += 1
-            task = Deferred.fromCoroutine(self._worker(dest))
-            self._running_tasks.add(task)
-            task.addErrback(lambda f: log.failure("relay worker crashed", f))
-            task.addBoth(lambda _, t=task: self._running_tasks.discard(t))
+            self._track(Deferred.fromCoroutine(self._worker(dest)), "relay worker")
+
+    def _track(self, task: Deferred[Any], what: str) -> None:
+        """Keep `task` until it is done, so that `stopService` waits for it."""
+        self._running_tasks.add(task)
+        task.addErrback(lambda f: log.failure("{what} crashed", f, what=what))
+        task.addBoth(lambda _, t=task: self._running_tasks.discard(t))
 
     async def _worker(self, dest: str) -> None:
         conn: SMTPClientConnection | None = None
@@ -389,6 +431,8 @@ class Relay(service.Service):
                 outcomes: dict[str, _Outcome] = {}
                 try:
                     conn, outcomes = await self._deliver(work, conn)
+                except CancelledError:
+                    raise  # shutdown cut the attempt: its intent is recorded, it is simply retried
                 except Exception:
                     # A bug must not leak the connection, lose the part or stall the entry:
                     # the recipients are deferred as a local temporary failure.
@@ -398,7 +442,9 @@ class Relay(service.Service):
                         conn = None
                     outcomes = dict.fromkeys(work.addresses, _Outcome(451, "4.3.0", "local error in the relay"))
                 finally:
-                    await self._part_done(work, outcomes)
+                    # The merge happens now; persisting and settling go on beside the next
+                    # transaction on this connection rather than in front of it.
+                    self._track(Deferred.fromCoroutine(self._part_done(work, outcomes)), "recording an outcome")
         finally:
             if conn is not None:
                 if self._stopping:

@@ -21,12 +21,11 @@ from typing import Any
 
 from twisted.internet.threads import deferToThread
 
-from mx.spool import DELIVERED, PENDING
+from mx.spool import PENDING
 from tests.support import RemoteHandler, new_files, queue_records, run_mx
 from tests.test_relay import (
     AONLY,
     MX1,
-    MX1_NAME,
     TLS_NAME,
     TLSMX,
     RelayTestCase,

@@ -29,7 +29,6 @@ from mx.config import ConfigError, RelayTLS, load
 from mx.relay import Relay
 from mx.smtpclient import (
     SMTPClientConnection,
-    SMTPClientError,
     Stage,
     Timeouts,
     read_password_file,
@@ -37,6 +36,7 @@ from mx.smtpclient import (
 )
 from tests import test_relay
 from tests.support import RemoteHandler, write_config
+from tests.test_smtpclient import fails
 
 SMART_NAME = "smtp.provider.test"
 HELO = "client.example"
@@ -151,14 +151,6 @@ async def connect(case: TestCase, port: int, *, tls: str = "opportunistic", auth
                                               tls_hostname=SMART_NAME, timeouts=FAST, auth=auth, **kwargs)
     case.addCleanup(lambda: Deferred.fromCoroutine(conn.quit()))
     return conn
-
-
-async def fails(case: TestCase, coro: Any) -> SMTPClientError:
-    try:
-        await coro
-    except SMTPClientError as e:
-        return e
-    case.fail("no SMTPClientError")
 
 
 # -- the client -------------------------------------------------------------------------------

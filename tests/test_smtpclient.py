@@ -31,7 +31,6 @@ from mx.smtpclient import (
     ServerReply,
     SMTPClientConnection,
     SMTPClientError,
-    Stage,
     Timeouts,
 )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -721,3 +721,239 @@ class DiskErrorTests(Base):
         self.assertEqual(split_delivered(path.read_bytes())[2], b"Subject: second\r\n\r\nbody\r\n")
         self.assertEqual(all_new_files(srv.config.data_dir), [path])
         self.assertEqual(list((maildir(srv.config, "bob") / "tmp").iterdir()), [])
+
+
+# --- defects A and B: blocking I/O off the reactor thread; internal errors become 451 -------
+
+
+def big_body(lines: int = 1500) -> bytes:
+    line = bytes(range(33, 127)) * 10 + b"\r\n"  # 942 bytes
+    return b"Subject: big\r\n\r\n" + b"".join(b"." + line if i % 7 == 0 else line for i in range(lines))
+
+
+class ThreadRecorder:
+    """Wraps a function: records whether each call ran on the reactor (main) thread."""
+
+    def __init__(self, fn: Callable[..., Any], name: str, calls: list[tuple[str, bool]]) -> None:
+        self.fn, self.name, self.calls = fn, name, calls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import threading
+
+        self.calls.append((self.name, threading.current_thread() is threading.main_thread()))
+        return self.fn(*args, **kwargs)
+
+
+class RecordingFile:
+    def __init__(self, f: Any, calls: list[tuple[str, bool]]) -> None:
+        self._f, self.write, self.close = f, ThreadRecorder(f.write, "write", calls), ThreadRecorder(f.close, "close", calls)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class ReactorThreadTests(Base):
+    async def test_spill_file_created_and_written_in_the_disk_pool(self) -> None:
+        """Defect A: a message over SPILL_THRESHOLD is spilled by pool threads, never by the
+        reactor thread (mkstemp, every write, the close, the unlink)."""
+        import os
+        import tempfile
+
+        from mx import durable
+
+        srv = await self.serve()
+        calls: list[tuple[str, bool]] = []
+        real_fdopen = os.fdopen
+        self.patch(tempfile, "mkstemp", ThreadRecorder(tempfile.mkstemp, "mkstemp", calls))
+        self.patch(os, "fdopen", lambda *a, **k: RecordingFile(real_fdopen(*a, **k), calls))
+        self.patch(durable, "unlink_quietly", ThreadRecorder(durable.unlink_quietly, "unlink", calls))
+        from mx import delivery as deliverymod
+
+        self.patch(deliverymod, "unlink_quietly", ThreadRecorder(deliverymod.unlink_quietly, "unlink", calls))
+        body = big_body()
+        out = await self.thread(send, srv.port, [ALICE], body)
+        self.assertReply(out["data"], 250)
+        [path] = self.assertDelivered(srv, "alice")
+        self.assertEqual(split_delivered(path.read_bytes())[2], body)
+        spilled = [name for name, _ in calls]
+        self.assertIn("mkstemp", spilled)
+        self.assertIn("write", spilled)
+        self.assertEqual([c for c in calls if c[1]], [], "file work on the reactor thread")
+        spool = srv.config.data_dir / "tmp"
+        self.assertEqual(list(spool.iterdir()), [])  # removed before the 250
+
+    async def test_rcpt_does_not_stat_the_users_file_on_the_reactor_thread(self) -> None:
+        """Defect A: RCPT looks users up in memory; the file is checked by a LoopingCall in a
+        pool (MailService), never at RCPT time."""
+        import os
+
+        from mx.users import UserDB
+
+        srv = await self.serve()
+        self.patch(UserDB, "RECHECK_INTERVAL", 0.0)  # the old lazy check: a stat at every lookup
+        calls: list[tuple[str, bool]] = []
+        self.patch(os, "stat", ThreadRecorder(os.stat, "stat", calls))
+        out = await self.thread(send, srv.port, [ALICE, BOB, "nobody@example.test"], b"Subject: x\r\n\r\nx\r\n")
+        self.assertEqual([code for code, _ in out["rcpt"]], [250, 250, 550])
+        self.assertReply(out["data"], 250)
+        on_reactor = [c for c in calls if c[1]]
+        self.assertEqual(on_reactor, [])
+
+    async def test_fast_client_waits_for_the_disk(self) -> None:
+        """Defect A: while the disk pool is behind, at most SPILL_BACKLOG bytes are queued for
+        it: the protocol stops taking input and pauses the transport, then resumes."""
+        import threading
+
+        from twisted.internet import reactor
+
+        from mx import delivery as deliverymod
+
+        config = make_config(self)
+        add_users(config, {ALICE: "pw"})
+        pool = ThreadPool(minthreads=1, maxthreads=1, name="test-slow-disk")
+        pool.start()
+        self.addCleanup(pool.stop)
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        pool.callInThread(gate.wait, 20)  # the one disk thread is busy until the gate opens
+        router = Router(config, lambda key: key == ALICE)
+        factory = SMTPServerFactory(config=config, router=router, delivery=Delivery(config, reactor, pool), clock=Clock())
+        peer = IPv4Address("TCP", "127.0.0.1", 40002)
+        proto = factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        proto.makeConnection(transport)
+        self.addCleanup(lambda: proto.connectionLost(None) if proto._open else None)
+        proto.dataReceived(f"EHLO c\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode())
+        self.assertIn(b"\r\n354 ", transport.value())
+        transport.clear()
+        chunk = b"y" * 998 + b"\r\n"
+        sent = 0
+        for _ in range(200):  # bounded: 200 reads of 64 KiB, 12.5 MiB
+            if transport.producerState == "paused":
+                break
+            proto.dataReceived(chunk * 64)
+            sent += len(chunk) * 64
+        self.assertEqual(transport.producerState, "paused")
+        message = proto.message
+        self.assertIsNotNone(message)
+        self.assertTrue(message.spilled)
+        self.assertLessEqual(message.backlog, deliverymod.SPILL_BACKLOG + 2 * len(chunk) * 64)
+        self.assertLess(sent, 6 * deliverymod.SPILL_BACKLOG)
+        gate.set()
+        for _ in range(2000):  # bounded: about 20 s
+            if transport.producerState == "producing" and not proto._busy:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(transport.producerState, "producing")
+        proto.dataReceived(b".\r\n")
+        for _ in range(2000):
+            if b"\r\n" in transport.value():
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(transport.value().startswith(b"250 2.0.0 "), transport.value())
+        [path] = new_files(config, "alice")
+        self.assertEqual(len(split_delivered(path.read_bytes())[2]), sent)
+        self.assertEqual(list((config.data_dir / "tmp").iterdir()), [])
+
+
+class FailingRouter(Router):
+    def resolve(self, rcpt: Any, may_relay: bool = False) -> Any:
+        if str(rcpt).startswith("boom@"):
+            raise RuntimeError("routing bug")
+        return super().resolve(rcpt, may_relay=may_relay)
+
+
+class FailingDelivery(Delivery):
+    """A commit that raises at once (a bug before any Deferred exists), the first time only."""
+
+    failures = 1
+
+    def commit(self, env: Any, message: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("commit bug")
+        return super().commit(env, message)
+
+
+class InternalErrorTests(Base):
+    async def serve_with(self, router_cls: type[Router] = Router, delivery_cls: type[Delivery] = Delivery) -> Server:
+        from twisted.internet import endpoints, reactor
+
+        from mx.users import UserDB
+
+        config = make_config(self)
+        add_users(config, {ALICE: "alice-pw", BOB: "bob-pw"})
+        pool = ThreadPool(minthreads=1, maxthreads=4, name="test-mx-disk")
+        pool.start()
+        self.addCleanup(pool.stop)
+        users = UserDB(config.auth.users_file)
+        factory = SMTPServerFactory(config=config, router=router_cls(config, users.exists),
+                                    delivery=delivery_cls(config, reactor, pool), clock=reactor)
+        self.addCleanup(factory.shutdown)
+        listening = await endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        return Server(config, listening.getHost().port, factory, pool, users)
+
+    async def test_router_raising_gives_451_and_the_connection_goes_on(self) -> None:
+        """Defect B: an exception in a command handler is a 451 4.3.0, logged, and the
+        transaction is reset; the same connection then delivers normally."""
+        srv = await self.serve_with(router_cls=FailingRouter)
+
+        def client() -> list[tuple[int, str]]:
+            with smtp_client(srv.port) as s:
+                s.ehlo()
+                out = [r(s.mail(SENDER)), r(s.rcpt(ALICE)), r(s.rcpt("boom@example.test"))]
+                out += [r(s.mail(SENDER))]  # the transaction was reset: MAIL is allowed again
+                out += [r(s.rcpt(BOB)), data(s, b"Subject: after\r\n\r\nok\r\n")]
+                s.quit()
+                return out
+
+        out = await self.thread(client)
+        self.assertEqual([code for code, _ in out], [250, 250, 451, 250, 250, 250], out)
+        self.assertReply(out[2], 451, "4.3.0")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(new_files(srv.config, "alice"), [])  # alice was in the failed transaction
+        [path] = self.assertDelivered(srv, "bob")
+        self.assertEqual(split_delivered(path.read_bytes())[2], b"Subject: after\r\n\r\nok\r\n")
+
+    async def test_commit_raising_gives_451_and_removes_the_spill_file(self) -> None:
+        """Defect B: a commit that raises synchronously (after a spilled DATA) is answered 451
+        4.3.0, the spill file is removed, and the next transaction works."""
+        srv = await self.serve_with(delivery_cls=FailingDelivery)
+        body = big_body()
+
+        def client() -> list[tuple[int, str]]:
+            with smtp_client(srv.port) as s:
+                s.ehlo()
+                out = [r(s.mail(SENDER)), r(s.rcpt(ALICE)), data(s, body)]
+                out += [r(s.mail(SENDER)), r(s.rcpt(ALICE)), data(s, b"Subject: second\r\n\r\nok\r\n")]
+                s.quit()
+                return out
+
+        out = await self.thread(client)
+        self.assertEqual([code for code, _ in out], [250, 250, 451, 250, 250, 250], out)
+        self.assertReply(out[2], 451, "4.3.0")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(list((srv.config.data_dir / "tmp").iterdir()), [])
+        [path] = self.assertDelivered(srv, "alice")
+        self.assertEqual(split_delivered(path.read_bytes())[2], b"Subject: second\r\n\r\nok\r\n")
+
+    async def test_handler_raising_mid_data_is_answered_at_the_final_dot(self) -> None:
+        """An internal error while DATA streams in is answered once, at the final dot."""
+        from mx import delivery as deliverymod
+
+        srv = await self.serve()
+        calls = []
+        real_write = deliverymod.IncomingMessage.write
+
+        def write(message: Any, chunk: bytes) -> Any:
+            calls.append(len(chunk))
+            if len(calls) == 2:
+                raise RuntimeError("write bug")
+            return real_write(message, chunk)
+
+        self.patch(deliverymod.IncomingMessage, "write", write)
+        out = await self.thread(send, srv.port, [ALICE], big_body())
+        self.assertReply(out["data"], 451, "4.3.0")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(new_files(srv.config, "alice"), [])
