@@ -26,7 +26,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -53,7 +53,10 @@ __all__ = ["IncomingMessage", "Envelope", "Delivery", "MemoryBudget", "new_messa
 log = Logger()
 
 SPILL_THRESHOLD = 1 << 20  # bytes of one message kept in memory before it is streamed to disk
-SPILL_PREFIX = "incoming."  # spill files: <data_dir>/tmp/incoming.*
+SPILL_PREFIX = "incoming."  # spill files: <data_dir>/tmp/incoming.<run>.*
+# This process's spill files carry its own token, so the start-up clean-up (which runs in the
+# disk pool while the listeners already take mail) never removes a file this run is writing.
+_RUN_PREFIX = f"{SPILL_PREFIX}{os.urandom(4).hex()}."
 SPILL_BACKLOG = 1 << 20  # bytes of one message handed to the disk pool, not yet written: then the sender waits
 MEMORY_BUDGET = 64 << 20  # in-memory message bytes, all connections together; beyond it messages spill early
 
@@ -82,14 +85,15 @@ new_message_id = _IdSource()  # a short unique, roughly time-ordered id for logs
 
 
 def remove_spilled(spill_dir: Path) -> int:
-    """Delete spill files left by a previous run (in a disk thread, at start-up)."""
+    """Delete spill files left by a previous run (in a disk thread, at start-up); never one
+    of this run's."""
     removed = 0
     try:
         names = os.listdir(spill_dir)
     except FileNotFoundError:
         return 0
     for name in names:
-        if name.startswith(SPILL_PREFIX):
+        if name.startswith(SPILL_PREFIX) and not name.startswith(_RUN_PREFIX):
             unlink_quietly(spill_dir / name)
             removed += 1
     return removed
@@ -134,7 +138,7 @@ class _SpillFile:
     def write(self, chunks: list[bytes]) -> Path:
         if self.path is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, dir=self.dir)
+            fd, name = tempfile.mkstemp(prefix=_RUN_PREFIX, dir=self.dir)
             self.path = Path(name)
             self.file = os.fdopen(fd, "wb", buffering=0)  # our chunks are large: no second buffer
         for chunk in chunks:

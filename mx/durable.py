@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,10 +134,25 @@ def publish(staged: Sequence[Staged]) -> set[Path]:
     return {s.final.parent for s in staged}
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` durably: temp file, fsync, rename, fsync the folder."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, keep_owner: bool = False) -> None:
+    """Replace `path` with `data` durably: temp file, fsync, rename, fsync the folder.
+
+    `keep_owner`: if `path` exists, the new file gets its owner, group and mode, minus any
+    access for others (as far as this process may give them), so a root-run tool does not
+    take a file away from the mail user; a new file gets `mode`.
+    """
     path = Path(path)
+    try:
+        before = os.stat(path) if keep_owner else None
+    except FileNotFoundError:
+        before = None
     staged = stage(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"), path, [data], mode)
+    if before is not None and staged.fd is not None:
+        try:
+            os.fchown(staged.fd, before.st_uid, before.st_gid)
+        except PermissionError:
+            pass  # not root and not ours to give away: keep our own
+        os.fchmod(staged.fd, stat.S_IMODE(before.st_mode) & 0o770)
     sync([staged])
     try:
         os.replace(staged.tmp, path)

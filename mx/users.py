@@ -8,7 +8,8 @@ Invariants:
 - Pure: no Twisted. Keys are canonical addresses (`Address.canonical`).
 - `UserDB` answers from memory; only `refresh()` (run in a thread pool) touches the file.
 - `write_users` replaces the file atomically (temp file in the same folder, fsync, rename,
-  fsync the folder), mode 0600, sorted: a reader sees the old or the new file, never half.
+  fsync the folder), sorted, keeping an existing file's owner, group and mode (0600 for a
+  new one): a reader sees the old or the new file, never half.
 - `verify_password` never raises for bad input; a malformed or foreign hash is a mismatch.
 - A user's local part is a safe Maildir folder name and carries no `+tag`, so the login
   address, the mailbox key and the folder name are one and the same string.
@@ -110,7 +111,9 @@ def read_users(path: Path) -> dict[str, str]:
 
 
 def write_users(path: Path, users: Mapping[str, str]) -> None:
-    """Replace the users file atomically with `users`, sorted, mode 0600."""
+    """Replace the users file atomically with `users`, sorted; a new file is mode 0600, an
+    existing one keeps its owner, group and mode (e.g. the mail user's, after a root-run
+    `mx user add`, or a group a Dovecot reads it as)."""
     path = Path(path)
     lines = [_HEADER]
     for address, stored in sorted(users.items()):
@@ -118,7 +121,7 @@ def write_users(path: Path, users: Mapping[str, str]) -> None:
             raise UsersError(f"cannot store {address!r}: ':' or a line break in the entry")
         lines.append(f"{address}:{stored}\n")
     # Created 0600, so the hashes are never readable by others, even briefly.
-    atomic_write(path, "".join(lines).encode("utf-8"), mode=0o600)
+    atomic_write(path, "".join(lines).encode("utf-8"), mode=0o600, keep_owner=True)
 
 
 class UserDB:

@@ -6,6 +6,8 @@ import os
 import stat
 from pathlib import Path
 
+from unittest import SkipTest
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from mx.users import (
@@ -66,12 +68,29 @@ class FileTests(SynchronousTestCase):
         self.assertEqual(entries, ["alice@localhost:{ARGON2ID}$argon2id$a",
                                    "bob@localhost:{ARGON2ID}$argon2id$b"])
 
-    def test_write_is_0600_and_leaves_no_temp_files(self) -> None:
-        self.path.write_text("")
-        os.chmod(self.path, 0o644)
+    def test_new_file_is_0600_and_leaves_no_temp_files(self) -> None:
         write_users(self.path, {"alice@localhost": SCHEME + "x"})
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual(sorted(p.name for p in self.folder.iterdir()), ["users"])
+
+    def test_rewrite_keeps_group_mode_but_never_others(self) -> None:
+        # A users file shared with a Dovecot (group-readable) stays so; world access goes.
+        self.path.write_text("")
+        os.chmod(self.path, 0o644)
+        write_users(self.path, {"alice@localhost": SCHEME + "x"})
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+
+    def test_rewrite_keeps_the_owner(self) -> None:
+        # `mx user add` run as root must not take the file away from the mail user the
+        # server runs as (twistd --uid): it could no longer re-read it.
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to give the file to another user")
+        self.path.write_text("")
+        os.chown(self.path, 65534, 65534)
+        os.chmod(self.path, 0o600)
+        write_users(self.path, {"alice@localhost": SCHEME + "x"})
+        st = os.stat(self.path)
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (65534, 65534, 0o600))
 
     def test_write_replaces_the_file(self) -> None:
         write_users(self.path, {"alice@localhost": SCHEME + "x"})
