@@ -298,3 +298,38 @@ def FAST_TIMEOUTS() -> Any:
     from tests.test_relay import FAST
 
     return FAST
+
+
+class ReportedCaseTests(RelayTestCase):
+    async def test_submitted_to_two_domains_550_and_250_gives_one_bounce(self) -> None:
+        # The report, as a user saw it: one message submitted (AUTH on the submission port)
+        # to two remote domains; one MX answers 550, the other 250. Postfix sends one bounce.
+        from tests.support import add_users, make_config, service_ports, smtp_client
+
+        ok, refused = self.remote(handler=DelayedHandler(MX1)), self.remote(AONLY, "aonly.test")
+        refused.rcpt_replies = {B: NEVER}
+        for delay in (0.0, 0.002, 0.2):
+            ok.delay = delay
+            extra = f'[relay]\nport = {self.port}\nretry = ["1m"]\n'
+            extra += f'\n[dns]\nnameservers = ["127.0.0.1:{self.dns_port}"]\ntimeout = "1s"\n'
+            config = make_config(self, listen={"submission": "tcp:0:interface=127.0.0.1"}, extra=extra)
+            add_users(config, {"alice@example.test": "alice-pw"})
+            mail = await self.start(config)
+            port = service_ports(mail)["submission"]
+
+            def submit() -> None:
+                with smtp_client(port) as s:
+                    s.ehlo()
+                    s.login("alice@example.test", "alice-pw")
+                    s.sendmail("alice@example.test", [A, B], b"Subject: report\r\n\r\nhello\r\n")
+
+            await deferToThread(submit)
+            await self.advance()
+            await self.advance(3600)
+            bounces = self.notices()
+            self.assertEqual(len(bounces), 1, f"delay {delay}")
+            self.assertEqual([b["Final-Recipient"] for b in report(bounces[0])[1]], [f"rfc822; {B}"])
+            self.assertEqual([m.rcpts for m in ok.messages], [[A]])
+            self.assertQueueEmpty()
+            await mail.stopService()
+            ok.messages.clear()
