@@ -75,7 +75,7 @@ class CommitterTests(TestCase):
         # Only work for the same id waits: another message commits while Q3 is slow.
         await self.write(entry("Q3"))
         self.spool.slow_id = "Q3"
-        self.spool.delay = 0.5
+        self.spool.delay = 1.0
         order: list[str] = []
         slow = self.committer.submit([QueueUpdate(entry("Q3", attempts=1))])
         slow.addCallback(lambda _: order.append("Q3"))
