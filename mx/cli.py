@@ -114,6 +114,10 @@ def _fail(message: str, status: int = 1) -> int:
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> None:
+    # What the server reads at start-up besides the config: the smarthost password file.
+    from mx.smtpclient import smarthost_auth
+
+    smarthost_auth(config.relay)  # ConfigError (one line) if missing, unreadable or too open
     sys.stdout.write(describe(config))
 
 

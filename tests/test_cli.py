@@ -85,6 +85,21 @@ class CLITests(SynchronousTestCase):
         self.config.write_text('[listen]\nsmpt = "tcp:25"\n')
         self.assertFails(self.mx("check"), "listen.smpt: unknown key")
 
+    def test_check_reads_the_smarthost_password_file(self) -> None:
+        secret = self.folder / "smarthost.pw"
+        secret.write_text("s3cret\n")
+        secret.chmod(0o644)
+        self.config.write_text(CONFIG + '[relay]\nsmarthost = "smtp.provider.test:587"\n'
+                               'smarthost_user = "me"\nsmarthost_password_file = "smarthost.pw"\n')
+        result = self.mx("check")
+        self.assertEqual(result.returncode, 1)
+        self.assertFails(result, "relay.smarthost_password_file: ")
+        self.assertNotIn("s3cret", result.stderr + result.stdout)
+        secret.chmod(0o600)
+        result = self.mx("check")
+        self.assertOK(result)
+        self.assertNotIn("s3cret", result.stdout)
+
     def test_check_missing_config(self) -> None:
         self.assertFails(self.mx("check", config=self.folder / "nope.toml"), "nope.toml: no such file")
 
