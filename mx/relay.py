@@ -7,7 +7,20 @@ per destination holds one connection and reuses it for the next message to that 
 Invariants:
 - Intent before acting (mox): an attempt is recorded (attempts + next try) in the spool
   before connecting, so a crash mid-attempt re-sends at most that one transaction later.
-- Each outcome is persisted before anything acts on it (bounce, removal, reschedule).
+- One authoritative entry per message (`self.entries`): the parts of an attempt (one per
+  destination, run by different workers at once) merge their outcomes into it recipient by
+  recipient, with no await between reading and writing it, and never change a recipient
+  that is no longer pending. The entry is settled (delay notice, bounces owed, removal)
+  once per attempt, by the part that finishes last, after every part's outcome is durable.
+- Each outcome is persisted before anything acts on it (bounce, removal, reschedule); saves
+  write the entry's current state, and the committer keeps one id's saves and its removal
+  in order, so a removed entry never comes back.
+- An attempt whose message file is missing or unreadable is a local temporary failure
+  (4.3.0), bounced as 5.3.0 after `max_lifetime`; a bug in an attempt defers its recipients
+  the same way and drops the connection: a worker never dies with work half done.
+- The queue is loaded at start-up before anything is committed (`Delivery.hold_until`), and
+  the load never overwrites an entry this run already knows.
+- Queue bodies are read in the disk pool (`_QueueBody`), never on the reactor thread.
 - Scheduling never rescans the folder: the queue is read once at start-up into memory and a
   heap of due times decides what runs next.
 - Concurrency: at most `per_destination` connections to one domain and `max_connections`
