@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 from mx.address import AddressError, parse_address
 
 __all__ = [
-    "AuthConfig", "Config", "ConfigError", "DNSConfig", "LimitsConfig", "ListenConfig",
+    "AuthConfig", "Config", "Pop3Config", "ConfigError", "DNSConfig", "LimitsConfig", "ListenConfig",
     "RelayConfig", "RelayTLS", "TLSConfig", "default_path", "describe", "load", "parse_duration",
     "parse_size",
 ]
@@ -110,6 +110,15 @@ class LimitsConfig:
     max_connections_per_ip: int
     idle_timeout: float
     max_connections: int = 1000  # all services together
+    pop3_idle_timeout: float = 600.0  # RFC 1939 §3: an autologout timer of at least 10 minutes
+
+
+@dataclass(frozen=True)
+class Pop3Config:
+    # Mark a retrieved message seen (":2,S", which moves it from new/ to cur/), as Dovecot
+    # does by default. Off by default: a delivered file then stays where delivery put it
+    # (Dovecot's `pop3_no_flag_updates = yes`).
+    mark_seen: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,7 @@ class Config:
     relay: RelayConfig
     dns: DNSConfig
     limits: LimitsConfig
+    pop3: Pop3Config
     source: Path | None
 
     def is_local_domain(self, domain: str) -> bool:
@@ -243,7 +253,8 @@ def _build(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
         "limits": (LimitsConfig, {
             "max_message_size": ("25MiB", _positive_size), "max_recipients": (100, _positive_int),
             "max_connections_per_ip": (20, _positive_int), "idle_timeout": ("5m", _positive_duration),
-            "max_connections": (1000, _positive_int)}),
+            "max_connections": (1000, _positive_int), "pop3_idle_timeout": ("10m", _positive_duration)}),
+        "pop3": (Pop3Config, {"mark_seen": (False, _bool)}),
     }
     sections: dict[str, Any] = {}
     for name, (cls, keys) in schema.items():

@@ -48,6 +48,7 @@ from mx.delivery import Delivery, remove_spilled
 from mx.dns import Resolver
 from mx.listeners import ConnectionRegistry, Service
 from mx.durable import unlink_quietly
+from mx.pop3server import POP3ServerFactory
 from mx.relay import Relay
 from mx.routing import Router
 from mx.spool import QueueEntry, Spool
@@ -111,7 +112,9 @@ class MailService(service.MultiService):
             Service.SMTP: self._smtp_factory,
             Service.SUBMISSION: self._smtp_factory,
             Service.SUBMISSIONS: self._smtp_factory,
-            # pop3, pop3s, imap, imaps: their factories join this table
+            Service.POP3: self._pop3_factory,
+            Service.POP3S: self._pop3_factory,
+            # imap, imaps: their factories join this table
         }
         for kind, make in factories.items():
             description = getattr(config.listen, kind.value)
@@ -132,6 +135,18 @@ class MailService(service.MultiService):
             tls=self.tls,
             implicit_tls=kind.implicit_tls,
             authenticator=self.authenticator,
+            registry=self.registry,
+        )
+
+    def _pop3_factory(self, kind: Service) -> POP3ServerFactory:
+        return POP3ServerFactory(
+            config=self.config,
+            reactor=self.reactor,
+            read_pool=self.read_pool,
+            authenticator=self.authenticator,
+            kind=kind,
+            tls=self.tls,
+            implicit_tls=kind.implicit_tls,
             registry=self.registry,
         )
 

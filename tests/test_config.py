@@ -64,6 +64,10 @@ max_recipients = 5
 max_connections_per_ip = 3
 idle_timeout = "90s"
 max_connections = 50
+pop3_idle_timeout = "15m"
+
+[pop3]
+mark_seen = true
 """
 
 
@@ -113,8 +117,9 @@ class DefaultsTests(SynchronousTestCase, LoadHelper):
         self.assertEqual(config.dns, mxconfig.DNSConfig(nameservers=(), timeout=5.0))
         self.assertEqual(config.limits, mxconfig.LimitsConfig(
             max_message_size=25 * 1024 * 1024, max_recipients=100, max_connections_per_ip=20,
-            idle_timeout=300.0, max_connections=1000))
+            idle_timeout=300.0, max_connections=1000, pop3_idle_timeout=600.0))
         self.assertIs(config.auth.authenticated_header, False)  # Postfix's default: no login in Received:
+        self.assertEqual(config.pop3, mxconfig.Pop3Config(mark_seen=False))
 
     def test_empty_file_is_defaults_relative_to_its_folder(self) -> None:
         path = self.write("")
@@ -175,8 +180,10 @@ class EveryKeyTests(SynchronousTestCase, LoadHelper):
         self.assertEqual(config.dns.nameservers, (
             ("127.0.0.1", 5353), ("192.0.2.1", 53), ("::1", 53), ("2001:db8::1", 53)))
         self.assertEqual(config.dns.timeout, 0.5)
-        self.assertEqual(config.limits, mxconfig.LimitsConfig(1000, 5, 3, 90.0, max_connections=50))
+        self.assertEqual(config.limits, mxconfig.LimitsConfig(1000, 5, 3, 90.0, max_connections=50,
+                                                                pop3_idle_timeout=900.0))
         self.assertIs(config.auth.authenticated_header, True)
+        self.assertIs(config.pop3.mark_seen, True)
 
     def test_config_is_frozen(self) -> None:
         config = self.load_text(FULL)
@@ -222,6 +229,7 @@ class EveryKeyTests(SynchronousTestCase, LoadHelper):
         self.assertIn("\nauthenticated_header = true\n", text)
         self.assertIn("\nmax_connections = 7\n", text)
         self.assertIn("\nauthenticated_header = false\n", describe(self.load_text("")))
+        self.assertIn('\npop3_idle_timeout = "10m"\n', describe(self.load_text("")))
 
     def test_describe_round_trips(self) -> None:
         for text in (FULL, "", '[listen]\nimap = "tcp:143"\n'):
@@ -328,6 +336,9 @@ class ErrorTests(SynchronousTestCase, LoadHelper):
         ('[auth]\nauthenticated_header = "yes"', "auth.authenticated_header"),
         ("[auth]\nauthenticated_header = 1", "auth.authenticated_header"),
         ('[limits]\nidle_timeout = "5"', "limits.idle_timeout"),
+        ('[limits]\npop3_idle_timeout = "10"', "limits.pop3_idle_timeout"),
+        ('[limits]\npop3_idle_timeout = "0s"', "limits.pop3_idle_timeout"),
+        ("[limits]\npop3_idle_timeout = 600", "limits.pop3_idle_timeout"),
     ]
 
     def test_unknown_keys_are_named(self) -> None:

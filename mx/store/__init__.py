@@ -1,0 +1,33 @@
+"""The mailbox store: Maildir++ folders that Dovecot can read and write alongside mx.
+
+No Twisted here: blocking file I/O, called by the protocols from the store thread pool.
+Modules: `folder` (one folder's view: UIDs, flags, sizes, changes), `uidlist`
+(`dovecot-uidlist` v3), `dotlock` (Dovecot's NFS-safe dot-lock), `flags` (letters in names,
+`dovecot-keywords`), `mailbox` (a user's folders and subscriptions), `utf7` (folder names on
+disk). Delivery into `new/` stays in `mx.maildir`.
+
+Invariants kept across the package:
+- The store writes only Dovecot's own files inside a Maildir (`dovecot-uidlist`, its
+  `.lock`, `dovecot-keywords`, `subscriptions`, `maildirfolder`), in Dovecot's formats;
+  nothing mx needs lives only in memory or only in an mx file. (One exception, outside the
+  store: `mx.pop3server`'s session lock `mx-pop3.lock`, an empty flock file Dovecot ignores,
+  kept in the Maildir so the lock holds for every host sharing the mail.)
+- No message body is read except through `Folder.open_message`.
+"""
+
+from mx.store.errors import LockTimeout, MessageGone, StoreError
+from mx.store.flags import Keywords
+from mx.store.folder import Changes, Folder, MessageInfo, clean_tmp
+from mx.store.mailbox import Mailbox
+
+__all__ = [
+    "StoreError",
+    "MessageGone",
+    "LockTimeout",
+    "MessageInfo",
+    "Changes",
+    "Folder",
+    "Mailbox",
+    "Keywords",
+    "clean_tmp",
+]

@@ -1,0 +1,530 @@
+"""One Maildir folder as a session sees it: UIDs, flags and sizes, and what changed since.
+
+Blocking file I/O, called from a disk thread; a `Folder` belongs to one session and its calls
+are serialised by that session (it is not shared between threads).
+
+Invariants:
+- Opening or refreshing reads directory listings, `dovecot-uidlist` and nothing else: no
+  message body is ever opened except by `open_message`. Sizes come from ",S=" in the name;
+  only a name without it costs one `stat`.
+- A message's identity is its base name (before the first ":"); its UID is the one the
+  uidlist gives that base, so a rename by anyone (flags, new/ -> cur/, Dovecot) keeps it.
+- New UIDs are handed out only under the uidlist dot-lock, after re-reading the list and
+  re-listing new/ and cur/ inside the lock, in arrival order (Dovecot's order: time stamp in
+  the name, then microseconds, then the name). Two processes therefore never give one UID to
+  two messages, nor two UIDs to one message.
+- A record is dropped from the list only when its file was absent from a listing of both
+  directories whose mtimes did not move during the listing and are over two seconds old;
+  otherwise it is kept (a record too many is harmless, a lost one would renumber a message).
+- UIDVALIDITY changes only when the list is missing or `UidListCorrupt`; a rebuild is
+  reported through `log`. A list rebuilt by another process shows up in `refresh()` as
+  `Changes.uidvalidity_changed` with every old UID vanished.
+- `refresh()` costs three `stat` calls when new/, cur/ and the uidlist are unchanged and were
+  not modified within the last two seconds of the previous listing (coarse or cached mtimes
+  then cannot hide a change); otherwise it re-lists.
+- A file that vanished is `MessageGone` (after one re-listing finds no other name with its
+  base); it is never an `OSError` escaping to the protocol.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from mx.store import uidlist
+from mx.store.dotlock import DotLock
+from mx.store.errors import MessageGone, StoreError
+from mx.store.flags import EMPTY, Keywords, check_flags, info_name, size_field, split_name
+
+__all__ = ["MessageInfo", "Changes", "Folder", "clean_tmp", "arrival_key"]
+
+Log = Callable[[str], None]
+_QUIET_SECONDS = 2.0  # mtimes younger than this may hide a later change in the same tick
+_CUR, _NEW = "cur", "new"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    uid: int
+    base: str  # file name before ":2," (the dovecot-uidlist key)
+    name: str  # current file name (no folder part)
+    subdir: str  # "new" or "cur"
+    size: int  # from ",S=" in the name, else from stat
+    flags: frozenset[str]  # "D","F","P","R","S","T" and keyword letters "a".."z"
+    vsize: int | None = None  # size with CRLF line ends, from ",W=" in the name (Dovecot)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    new: tuple[MessageInfo, ...]
+    vanished: tuple[int, ...]
+    flags: tuple[MessageInfo, ...]
+    uidvalidity_changed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.vanished or self.flags or self.uidvalidity_changed)
+
+
+_NO_CHANGES = Changes((), (), ())
+
+
+def arrival_key(base: str) -> tuple[int, int, str]:
+    """Dovecot's `maildir_filename_sort_cmp`: seconds, then "M<usec>" of the unique part."""
+    i = 0
+    n = len(base)
+    while i < n and "0" <= base[i] <= "9":
+        i += 1
+    secs = int(base[:i]) if i else 0
+    usecs = -1
+    if i < n and base[i] == ".":
+        end = base.find(".", i + 1)
+        uniq = base[i + 1 : end if end >= 0 else n]
+        m = uniq.find("M")
+        if m >= 0:
+            j = m + 1
+            while j < len(uniq) and "0" <= uniq[j] <= "9":
+                j += 1
+            if j > m + 1:
+                usecs = int(uniq[m + 1 : j])
+    return secs, usecs, base
+
+
+class _Listing:
+    """Result of listing new/ then cur/: base -> (subdir, name), plus whether it was calm."""
+
+    __slots__ = ("files", "calm", "stamp")
+
+    def __init__(self, files: dict[str, tuple[str, str]], calm: bool, stamp: tuple[int, int]) -> None:
+        self.files, self.calm, self.stamp = files, calm, stamp
+
+
+class Folder:
+    """A Maildir folder: `Folder.open(path)`, then `messages()`, `refresh()`, ..."""
+
+    def __init__(self, path: Path, *, take_new: bool = False, log: Log | None = None) -> None:
+        self.path = path
+        self.take_new = take_new
+        self.uidvalidity = 0
+        self.next_uid = 1
+        self.guid = ""
+        self._log: Log = log or (lambda line: None)
+        self._by_uid: dict[int, MessageInfo] = {}
+        self._fields: dict[int, str] = {}
+        self._snapshot: tuple[int, int, tuple[int, int, int] | None] | None = None
+        self._keywords: Keywords | None = None
+
+    # -- opening and syncing ------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, take_new: bool = False, log: Log | None = None) -> Folder:
+        """Scan new/ and cur/ (creating missing cur/ tmp/), sync dovecot-uidlist, read no body.
+
+        take_new=True: files in new/ are moved to cur/ (name + ":2,") as the session sees them.
+        """
+        folder = cls(Path(path), take_new=take_new, log=log)
+        folder._ensure_dirs()
+        folder._sync()
+        return folder
+
+    def _ensure_dirs(self) -> None:
+        if not self.path.is_dir():
+            raise StoreError(f"{self.path}: no such folder")
+        for sub in (_NEW, _CUR, "tmp"):
+            try:
+                os.mkdir(self.path / sub, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise StoreError(f"{self.path / sub}: {e.strerror}") from None
+
+    def _dir_mtimes(self) -> tuple[int, int]:
+        try:
+            return os.stat(self.path / _NEW).st_mtime_ns, os.stat(self.path / _CUR).st_mtime_ns
+        except FileNotFoundError:
+            self._ensure_dirs()
+            return os.stat(self.path / _NEW).st_mtime_ns, os.stat(self.path / _CUR).st_mtime_ns
+
+    def _list(self) -> _Listing:
+        """List new/ then cur/ (a file moving new -> cur meanwhile is seen in cur/)."""
+        for _attempt in range(3):
+            before = self._dir_mtimes()
+            files: dict[str, tuple[str, str]] = {}
+            for sub in (_NEW, _CUR):
+                try:
+                    names = os.listdir(self.path / sub)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise StoreError(f"{self.path / sub}: {e.strerror}") from None
+                for name in names:
+                    if name[0] == ".":  # Maildir: dot files are not messages
+                        continue
+                    i = name.find(":")
+                    files[name if i < 0 else name[:i]] = (sub, name)
+            after = self._dir_mtimes()
+            if after == before:
+                break
+        now_ns = time.time_ns()
+        calm = after == before and all(now_ns - m > _QUIET_SECONDS * 1e9 for m in after)
+        return _Listing(files, calm, after)
+
+    def _read_list(self) -> tuple[uidlist.UidList | None, tuple[int, int, int] | None, str]:
+        """(list, stamp, why unusable) — list None when missing or corrupt."""
+        try:
+            ul, stamp = uidlist.read(self.path / uidlist.UIDLIST_FILE)
+        except uidlist.UidListCorrupt as e:
+            return None, None, str(e)
+        return ul, stamp, "" if ul is not None else "missing"
+
+    def _sync(self) -> Changes:
+        # The cyclic GC would walk the growing table again and again while it is built (a
+        # third of the time at 100,000 messages); nothing built here forms a cycle.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._sync_now()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _sync_now(self) -> Changes:
+        listing = self._list()
+        ul, ul_stamp, why = self._read_list()
+        if ul is None or ul.dirty or any(b not in ul.uids for b in listing.files):
+            ul, ul_stamp, listing = self._assign_locked()
+        changes = self._rebuild(ul, listing)
+        moved = self._take_new() if self.take_new else 0
+        self._snapshot = (*listing.stamp, ul_stamp) if listing.calm and not moved else None
+        return changes
+
+    def _assign_locked(self) -> tuple[uidlist.UidList, tuple[int, int, int] | None, _Listing]:
+        """Under the dot-lock: re-read, re-list, give new files UIDs, rewrite if changed."""
+        target = self.path / uidlist.UIDLIST_FILE
+        with DotLock(target, mode=_file_mode(self.path)) as lock:
+            ul, _stamp, why = self._read_list()
+            if ul is None:
+                previous = self.uidvalidity
+                if why != "missing":
+                    try:
+                        previous = max(previous, _salvage_uidvalidity(target))
+                    except OSError:
+                        pass
+                ul = uidlist.UidList.fresh(previous)
+                if why != "missing" or previous:
+                    self._log(
+                        f"{target}: {why}; rebuilt with new UIDVALIDITY {ul.uidvalidity}"
+                        " (clients will download the folder again)"
+                    )
+            elif ul.problems:
+                self._log(f"{target}: repaired: {'; '.join(ul.problems[:5])}")
+            listing = self._list()
+            files = listing.files
+            changed = ul.dirty
+            fresh = sorted((b for b in files if b not in ul.uids), key=arrival_key)
+            for base in fresh:
+                ul.assign(base)
+            changed = changed or bool(fresh)
+            if listing.calm:
+                gone = [b for b in ul.uids if b not in files]
+                for b in gone:
+                    del ul.uids[b]
+                    ul.fields.pop(b, None)
+                changed = changed or bool(gone)
+            if changed:
+                lock.replace(uidlist.format_list(ul))
+        stamp = None
+        try:
+            st = os.stat(target)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            pass
+        ul.dirty = False
+        return ul, stamp, listing
+
+    def _rebuild(self, ul: uidlist.UidList, listing: _Listing) -> Changes:
+        """Replace the message table from a list and a listing; report what changed."""
+        old = self._by_uid
+        validity_changed = bool(self.uidvalidity) and ul.uidvalidity != self.uidvalidity
+        if validity_changed:
+            old = {}
+        self.uidvalidity, self.next_uid, self.guid = ul.uidvalidity, ul.next_uid, ul.guid
+        files = listing.files
+        table: dict[int, MessageInfo] = {}
+        fields: dict[int, str] = {}
+        new: list[MessageInfo] = []
+        reflagged: list[MessageInfo] = []
+        for base, uid in ul.uids.items():
+            found = files.get(base)
+            if found is None:
+                continue
+            sub, name = found
+            prev = old.get(uid)
+            if prev is not None and prev.name == name and prev.subdir == sub:
+                info: MessageInfo | None = prev
+            else:
+                info = self._make_info(uid, sub, name)
+                if info is None:
+                    continue
+                if prev is None:
+                    new.append(info)
+                elif prev.flags != info.flags:
+                    reflagged.append(info)
+            table[uid] = info  # type: ignore[assignment]
+            f = ul.fields.get(base)
+            if f:
+                fields[uid] = f
+        vanished = tuple(uid for uid in self._by_uid if uid not in table or validity_changed)
+        self._by_uid, self._fields = table, fields
+        return Changes(tuple(new), vanished, tuple(reflagged), validity_changed)
+
+    def _make_info(self, uid: int, sub: str, name: str) -> MessageInfo | None:
+        # split_name and size_field inlined: this runs once per message on every open.
+        i = name.find(":")
+        if i < 0:
+            base, flags = name, EMPTY
+        else:
+            base, flags = split_name(name)
+        size = vsize = None
+        j = base.find(",S=")
+        if j >= 0:
+            end = base.find(",", j + 3)
+            digits = base[j + 3 :] if end < 0 else base[j + 3 : end]
+            if digits.isdigit() and digits.isascii():
+                size = int(digits)
+            if end >= 0:
+                vsize = size_field(base, "W")
+        elif ",W=" in base:
+            vsize = size_field(base, "W")
+        if size is None:
+            try:
+                st = os.stat(self.path / sub / name)
+            except FileNotFoundError:
+                return None  # vanished since the listing
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            size = st.st_size
+        return MessageInfo(uid, base, name, sub, size, flags, vsize)
+
+    def _take_new(self) -> int:
+        moved = 0
+        for uid, info in list(self._by_uid.items()):
+            if info.subdir == _NEW:
+                name = info.name if ":" in info.name else info.name + ":2,"
+                try:
+                    os.rename(self.path / _NEW / info.name, self.path / _CUR / name)
+                except FileNotFoundError:
+                    found = self._find(info.base)
+                    if found is None:
+                        continue  # expunged meanwhile; refresh() reports it
+                    self._by_uid[uid] = self._info_from(info, *found)
+                    continue
+                except OSError as e:
+                    raise StoreError(f"cannot move {info.name} into cur/: {e.strerror}") from None
+                self._by_uid[uid] = self._info_from(info, _CUR, name)
+                moved += 1
+        return moved
+
+    @staticmethod
+    def _info_from(info: MessageInfo, sub: str, name: str) -> MessageInfo:
+        _base, flags = split_name(name)
+        return MessageInfo(info.uid, info.base, name, sub, info.size, flags, info.vsize)
+
+    def _find(self, base: str) -> tuple[str, str] | None:
+        """Where the file with this base is now (cur/ wins), by listing; None if nowhere."""
+        hit: tuple[str, str] | None = None
+        for sub in (_NEW, _CUR):
+            try:
+                names = os.listdir(self.path / sub)
+            except OSError:
+                continue
+            for name in names:
+                if name == base or (name.startswith(base) and name[len(base)] == ":"):
+                    hit = (sub, name)
+        return hit
+
+    # -- the session's view ------------------------------------------------------------
+
+    def messages(self) -> list[MessageInfo]:
+        """Every message present at the last open/refresh, sorted by UID."""
+        return list(self._by_uid.values())
+
+    def get(self, uid: int) -> MessageInfo | None:
+        return self._by_uid.get(uid)
+
+    def __len__(self) -> int:
+        return len(self._by_uid)
+
+    def refresh(self) -> Changes:
+        """New, vanished and re-flagged messages since the last look; cheap if none."""
+        if self._snapshot is not None:
+            try:
+                st = os.stat(self.path / uidlist.UIDLIST_FILE)
+                ul_stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                ul_stamp = None
+            if (*self._dir_mtimes(), ul_stamp) == self._snapshot:
+                return _NO_CHANGES
+        return self._sync()
+
+    def uidl(self, uid: int) -> str:
+        """Dovecot's POP3 UIDL: a "P" field in the uidlist wins (migrated mail; empty = the
+        base name), else the default `%08Xu%08Xv`."""
+        f = self._fields.get(uid)
+        if f:
+            for tok in f.split():
+                if tok[0] == "P":
+                    if len(tok) > 1:
+                        return tok[1:]
+                    info = self._by_uid.get(uid)
+                    if info is not None:
+                        return info.base
+        # Dovecot 2.3 prints its %08Xu%08Xv in lower-case hex (seen from a real Dovecot).
+        return f"{uid:08x}{self.uidvalidity:08x}"
+
+    def fields(self, uid: int) -> dict[str, str]:
+        """The uidlist's extension fields for a message (key letter -> value), e.g. "W"."""
+        f = self._fields.get(uid, "")
+        return {tok[0]: tok[1:] for tok in f.split()}
+
+    # -- reading and changing messages -------------------------------------------------
+
+    def _current(self, uid: int) -> MessageInfo:
+        info = self._by_uid.get(uid)
+        if info is None:
+            raise MessageGone(f"{self.path}: no message with UID {uid}")
+        return info
+
+    def _relocate(self, info: MessageInfo) -> MessageInfo:
+        found = self._find(info.base)
+        if found is None:
+            self._by_uid.pop(info.uid, None)
+            self._snapshot = None  # let refresh() report it as vanished
+            raise MessageGone(f"{self.path}: message {info.uid} ({info.base}) is gone")
+        moved = self._info_from(info, *found)
+        self._by_uid[info.uid] = moved
+        return moved
+
+    def open_message(self, uid: int) -> BinaryIO:
+        """The message file, opened for reading; follows a rename; `MessageGone` if gone."""
+        info = self._current(uid)
+        for _attempt in range(3):
+            try:
+                return open(self.path / info.subdir / info.name, "rb")
+            except FileNotFoundError:
+                info = self._relocate(info)
+            except OSError as e:
+                raise StoreError(f"{self.path / info.subdir / info.name}: {e.strerror}") from None
+        raise MessageGone(f"{self.path}: message {uid} keeps moving")
+
+    def set_flags(self, uid: int, flags: Iterable[str]) -> MessageInfo:
+        """Give a message exactly these flags: one atomic rename into cur/."""
+        wanted = check_flags(flags)
+        info = self._current(uid)
+        for _attempt in range(3):
+            name = info_name(info.base, wanted)
+            if info.subdir == _CUR and info.name == name:
+                return info
+            try:
+                os.rename(self.path / info.subdir / info.name, self.path / _CUR / name)
+            except FileNotFoundError:
+                info = self._relocate(info)
+                continue
+            except OSError as e:
+                raise StoreError(f"cannot rename {info.name}: {e.strerror}") from None
+            self._snapshot = None
+            updated = self._info_from(info, _CUR, name)
+            self._by_uid[uid] = updated
+            return updated
+        raise MessageGone(f"{self.path}: message {uid} keeps moving")
+
+    def expunge(self, uids: Iterable[int]) -> list[int]:
+        """Unlink these messages; returns the UIDs this call removed (not already gone)."""
+        removed: list[int] = []
+        for uid in uids:
+            info = self._by_uid.get(uid)
+            if info is None:
+                continue
+            for _attempt in range(3):
+                try:
+                    os.unlink(self.path / info.subdir / info.name)
+                except FileNotFoundError:
+                    try:
+                        info = self._relocate(info)
+                    except MessageGone:
+                        break
+                    continue
+                except OSError as e:
+                    raise StoreError(f"cannot remove {info.name}: {e.strerror}") from None
+                removed.append(uid)
+                break
+            self._by_uid.pop(uid, None)
+            self._fields.pop(uid, None)
+        if removed:
+            self._snapshot = None
+        return removed
+
+    # -- keywords ------------------------------------------------------------------------
+
+    @property
+    def keywords(self) -> Keywords:
+        """The folder's `dovecot-keywords` table (letters "a".."z" <-> names)."""
+        if self._keywords is None:
+            self._keywords = Keywords(self.path)
+        else:
+            self._keywords.reload()
+        return self._keywords
+
+
+def _file_mode(folder: Path) -> int:
+    """State files get the folder's permissions without execute bits (as Dovecot does)."""
+    try:
+        return (os.stat(folder).st_mode & 0o666) | 0o600
+    except OSError:
+        return 0o600
+
+
+def _salvage_uidvalidity(path: Path) -> int:
+    """A number the damaged list's UIDVALIDITY cannot exceed, so the new one differs.
+
+    Its V field if readable, else the file's mtime (a list is written after its
+    UIDVALIDITY is chosen, which is the time or less, so a rebuild within the same
+    second still gets a new value).
+    """
+    with open(path, "rb") as f:
+        mtime = int(os.fstat(f.fileno()).st_mtime)
+        head = f.read(200).split(b"\n", 1)[0]
+    for tok in head.split():
+        if tok[:1] == b"V" and tok[1:].isdigit():
+            return max(int(tok[1:]), mtime)
+    return mtime
+
+
+def clean_tmp(maildir: Path, older_than: float = 36 * 3600, *, now: float | None = None) -> int:
+    """Remove files in `maildir/tmp/` untouched (atime and mtime) for `older_than` seconds.
+
+    The Maildir specification's 36 hours; returns how many were removed.
+    """
+    limit = (time.time() if now is None else now) - older_than
+    removed = 0
+    tmp = maildir / "tmp"
+    try:
+        entries = list(os.scandir(tmp))
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise StoreError(f"{tmp}: {e.strerror}") from None
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and max(st.st_atime, st.st_mtime) < limit:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
