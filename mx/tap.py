@@ -52,6 +52,7 @@ from mx.pop3server import POP3ServerFactory
 from mx.relay import Relay
 from mx.routing import Router
 from mx.spool import QueueEntry, Spool
+from mx.store import sweep_tmp
 from mx.tls import ServerTLS, TLSError
 from mx.smtpserver import SMTPServerFactory
 from mx.users import UserDB, UsersError
@@ -63,6 +64,7 @@ log = Logger()
 DISK_THREADS = 8
 AUTH_THREADS = 2
 READ_THREADS = 4
+TMP_SWEEP_INTERVAL = 86400.0  # seconds: daily
 SHUTDOWN_GRACE = 10.0  # seconds a busy connection gets to finish at shutdown
 
 
@@ -91,6 +93,9 @@ class MailService(service.MultiService):
         self.users = UserDB(config.auth.users_file)  # read once here, before the reactor runs
         self.users_refresh = LoopingCall(self._refresh_users)
         self.users_refresh.clock = reactor
+        # Maildir spec: tmp/ files untouched for 36 hours are debris; swept at start-up and daily.
+        self.tmp_sweep = LoopingCall(self._sweep_tmp)
+        self.tmp_sweep.clock = reactor
         self.router = Router(config, self.users.exists)
         self.spool = Spool(config.data_dir / "queue")
         self.delivery = Delivery(config, reactor, self.pool, spool=self.spool, on_queued=self._queued)
@@ -164,6 +169,18 @@ class MailService(service.MultiService):
     def _queued(self, entry: QueueEntry) -> None:
         self.relay.enqueue(entry)
 
+    def _sweep_tmp(self) -> Deferred[None]:
+        """Stale files in every mailbox's tmp/ (older than 36 hours), in the disk pool."""
+        d = deferToThreadPool(self.reactor, self.pool, sweep_tmp, self.config.data_dir / "mail")
+
+        def done(removed: int) -> None:
+            if removed:
+                log.info("removed {count} stale files from Maildir tmp/ folders", count=removed)
+
+        d.addCallback(done)
+        d.addErrback(lambda f: log.failure("could not sweep Maildir tmp/ folders", f))  # the loop goes on
+        return d
+
     def _refresh_users(self) -> Deferred[None]:
         """The users file, once a second, in the disk pool: RCPT and AUTH read memory only."""
         d = deferToThreadPool(self.reactor, self.pool, self.users.refresh)
@@ -208,6 +225,7 @@ class MailService(service.MultiService):
         deferToThreadPool(self.reactor, self.pool, remove_spilled, self.delivery.spill_dir)
         self.relay.startService()
         self.users_refresh.start(UserDB.RECHECK_INTERVAL, now=False)
+        self.tmp_sweep.start(TMP_SWEEP_INTERVAL, now=True)
         super().startService()
         # `mx queue delete` only once the relay has loaded the queue: never racing the load.
         assert self.relay.loaded is not None
@@ -236,7 +254,7 @@ class MailService(service.MultiService):
         # 2. drain every service through the registry: in-flight commits finish, idle
         #    connections get 421 (BYE, -ERR), the rest are cut after the grace time
         yield self.registry.shutdown(SHUTDOWN_GRACE)
-        for loop in (self.control, self.users_refresh):
+        for loop in (self.control, self.users_refresh, self.tmp_sweep):
             if loop.running:
                 loop.stop()
         # 3. the relay: running attempts get a few seconds, then are cut (intent is recorded,

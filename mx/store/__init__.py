@@ -18,7 +18,7 @@ Invariants kept across the package:
 from mx.store.errors import LockTimeout, MessageGone, StoreError
 from mx.store.flags import Keywords
 from mx.store.folder import Changes, Folder, MessageInfo, clean_tmp
-from mx.store.mailbox import Mailbox
+from mx.store.mailbox import Mailbox, sweep_tmp
 
 __all__ = [
     "StoreError",
@@ -30,4 +30,5 @@ __all__ = [
     "Mailbox",
     "Keywords",
     "clean_tmp",
+    "sweep_tmp",
 ]

@@ -26,7 +26,7 @@ from mx.store.dotlock import DotLock
 from mx.store.errors import StoreError
 from mx.store.folder import Folder, clean_tmp
 
-__all__ = ["Mailbox", "SEPARATOR", "folder_dir_name"]
+__all__ = ["Mailbox", "SEPARATOR", "folder_dir_name", "sweep_tmp"]
 
 SEPARATOR = "."
 SUBSCRIPTIONS_FILE = "subscriptions"
@@ -184,3 +184,25 @@ def _tab_unescape(s: str) -> str:
             out.append(s[i])
             i += 1
     return "".join(out)
+
+
+def sweep_tmp(mail_root: Path, older_than: float = 36 * 3600) -> int:
+    """`Mailbox.clean_tmp` for every user's Maildir under `<data_dir>/mail/<domain>/<local>/`
+    (at start-up and daily, in a disk thread); a mailbox that fails is skipped, not fatal.
+    Returns the number of stale files removed."""
+    total = 0
+    try:
+        domains = [d for d in os.scandir(mail_root) if d.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return 0
+    for domain in domains:
+        try:
+            users = [u for u in os.scandir(domain.path) if u.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for user in users:
+            try:
+                total += Mailbox(Path(user.path)).clean_tmp(older_than)
+            except (StoreError, OSError):
+                continue
+    return total
