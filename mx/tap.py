@@ -50,9 +50,10 @@ from mx.listeners import ConnectionRegistry, Service
 from mx.durable import unlink_quietly
 from mx.pop3server import POP3ServerFactory
 from mx.relay import Relay
-from mx.routing import Router
+from mx.routing import LocalRecipient, Router
 from mx.spool import QueueEntry, Spool
 from mx.store import sweep_tmp
+from mx.watch import FolderWatch
 from mx.tls import ServerTLS, TLSError
 from mx.smtpserver import SMTPServerFactory
 from mx.users import UserDB, UsersError
@@ -98,7 +99,11 @@ class MailService(service.MultiService):
         self.tmp_sweep.clock = reactor
         self.router = Router(config, self.users.exists)
         self.spool = Spool(config.data_dir / "queue")
-        self.delivery = Delivery(config, reactor, self.pool, spool=self.spool, on_queued=self._queued)
+        # Readers of a folder (IMAP IDLE next) hear of changes: inotify, or polling in the read
+        # pool; deliveries by this process are announced at once.
+        self.watch = FolderWatch(reactor, pool=self.read_pool)
+        self.delivery = Delivery(config, reactor, self.pool, spool=self.spool, on_queued=self._queued,
+                                 on_delivered=self._delivered)
         self.resolver = Resolver(reactor, config.dns.nameservers, config.dns.timeout)
         # relay_options: tests pass a task.Clock (`clock`), short `timeouts`, a `trust_root`
         self.relay = Relay(
@@ -168,6 +173,10 @@ class MailService(service.MultiService):
 
     def _queued(self, entry: QueueEntry) -> None:
         self.relay.enqueue(entry)
+
+    def _delivered(self, mailboxes: tuple[LocalRecipient, ...]) -> None:
+        mail_root = self.config.data_dir / "mail"
+        self.watch.notify(mail_root / m.domain / m.local for m in mailboxes)
 
     def _sweep_tmp(self) -> Deferred[None]:
         """Stale files in every mailbox's tmp/ (older than 36 hours), in the disk pool."""
@@ -261,6 +270,7 @@ class MailService(service.MultiService):
         #    so a cut transaction is simply sent again after the restart)
         yield self.relay.stopService()
         service.Service.stopService(self)
+        self.watch.stop()
         # 4. the thread pools last (they join their threads; nothing is pending any more)
         self.read_pool.stop()
         self.auth_pool.stop()
