@@ -10,7 +10,8 @@ generated straight into `new/` with mx's own file-name format, `<time>.M..P..Q..
                          and cache, and reading every message to learn its CRLF size).
   login+STAT+UIDL, 2nd   the same again: the warm case a POP3 client polling every few minutes sees.
   RETR all               one session: login, RETR 1..N, QUIT (no DELE; both servers mark each
-                         retrieved message \\Seen by renaming its file, as Dovecot does).
+                         retrieved message \\Seen by renaming its file: Dovecot's default,
+                         mx's `pop3.mark_seen = true`, set here).
                          The client sends one RETR at a time by default (a round trip per
                          message, as fetchmail and getmail do; see WINDOW for why), or keeps
                          `--window N` in flight if the server lists PIPELINING; every response
@@ -39,7 +40,17 @@ How to run:
 Exit status 1 if a server failed to start or answered wrongly (mx's POP3 not there yet
 counts: the message says so, and Dovecot's figures are still printed).
 """
-import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +83,8 @@ imaps = ""
 users_file = "{users}"
 [limits]
 max_connections_per_ip = 1000
+[pop3]
+mark_seen = true  # what Dovecot does by default: RETR renames the file to :2,S
 """
 
 

@@ -40,7 +40,6 @@ ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
 PASSWORDS = {ALICE: "alice-secret", BOB: "bob-secret"}
 KEYWORD = "$MxInterop"
-SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 
 
 def _have(module: str) -> bool:
