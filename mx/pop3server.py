@@ -10,9 +10,10 @@ Invariants:
   `PAUSE_BUFFER` bytes wait; so pipelined commands (RFC 2449 PIPELINING) wait their turn.
 - Store calls run in the read pool (`deferToThreadPool`), one at a time per session; nothing
   blocking runs on the reactor thread.
-- RETR and TOP stream the file in `READ_CHUNK` reads, each read in the pool, and register a
-  push producer on the transport: while the socket's buffer is full no further chunk is read,
-  so a large message is never whole in memory on either side.
+- RETR and TOP read the file in the pool: the open and the first `FIRST_READ` bytes in one
+  trip (a message that small is sent in one write); a larger one streams on in `READ_CHUNK`
+  reads with a push producer on the transport: while the socket's buffer is full no further
+  chunk is read, so a large message is never whole in memory on either side.
 - Deletions happen only in the UPDATE state, after QUIT from TRANSACTION (RFC 1939 §6); an
   idle timeout, a shutdown or a dropped connection deletes nothing. A message sent whole by
   RETR gets the `S` flag (Dovecot does the same).
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorFromThreads, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
@@ -85,7 +86,8 @@ log = Logger()
 T = TypeVar("T")
 
 PAUSE_BUFFER = 64 * 1024  # stop reading while a command is pending and this much waits
-READ_CHUNK = 64 * 1024  # bytes of a message read per trip to the pool
+READ_CHUNK = 64 * 1024  # bytes of a large message read per trip to the pool
+FIRST_READ = 256 * 1024  # read with the open: a message this small costs one trip, one write
 MAX_ERRORS = 20  # unknown or out-of-place commands; then the client is cut off
 LOCK_FILE = "mx-pop3.lock"
 INTERNAL_ERROR = Response.err("Internal error, try again later", RespCode.SYS_TEMP)
@@ -244,6 +246,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.brake: ConnectionBrake | None = None
         self.maildrop: Maildrop | None = None
         self.folder: Folder | None = None
+        self._ahead: tuple[int, Deferred[Any]] | None = None  # (uid, the read of it in flight)
         self.errors = 0
         self._root: Path | None = None  # the locked maildrop
         self._lock_fd: int | None = None
@@ -292,6 +295,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.sasl.cancel()
         if self._throttle is not None:
             self._throttle.release()  # a RETR waiting for the socket ends now
+        if self._ahead is not None:  # a read-ahead nobody will take: close what it opened
+            self._ahead[1].addCallback(lambda r: r is not None and r[0] is not None and r[0].close())
+            self._ahead = None
         if self.maildrop is not None:  # not after QUIT: _update logged it and let it go
             self._log_end(quit=False)
         # The lock goes only after the session's last store call (a RETR's read, an expunge).
@@ -676,21 +682,79 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         f = self.factory
         folder = self.folder
         assert folder is not None and self.maildrop is not None
+        read = await self._take_read_ahead(entry)
         try:
-            fh: BinaryIO = await f.in_pool(folder.open_message, entry.uid)
+            # One trip to the pool opens the file and reads its first FIRST_READ bytes (and
+            # closes it if that was all): most messages cost one trip, and are sent at once.
+            # Usually that trip was made while the client was reading the previous message.
+            fh, first = read if read is not None else await f.in_pool(_open_and_read, folder, entry.uid, FIRST_READ)
         except (MessageGone, FileNotFoundError):
             log.info("pop3 message {uid} of {user} vanished", uid=entry.uid, user=self.user)
             raise Response.err(f"Message {n} is gone (deleted by another session)") from None
         except (StoreError, OSError):
-            log.failure("could not open message {uid} of {user}", Failure(), uid=entry.uid, user=self.user)
+            log.failure("could not read message {uid} of {user}", Failure(), uid=entry.uid, user=self.user)
             raise Response.err(f"Cannot read message {n}, try again later", RespCode.SYS_TEMP) from None
+        head = Response.positive(f"{entry.size} octets" if lines is None else "top of message follows").to_bytes()
+        retrieval = Retrieval(lines)
+        out = retrieval.feed(first)
+        if fh is None or retrieval.done:
+            self._write(head + out + retrieval.finish())
+            if fh is not None:
+                await f.in_pool(fh.close)  # TOP had what it needed
+            complete = True
+        else:
+            complete = await self._stream_rest(fh, head + out, retrieval, entry)
+        if complete and lines is None:
+            self.maildrop.retrieved.add(n)
+            following = self._next_small(n + 1)
+            if not self.factory.config.pop3.mark_seen:  # the file stays as delivered
+                if following is not None:
+                    d = f.in_pool(_read_quietly, folder, following.uid)
+                    self._ahead = (following.uid, d)
+                return
+            # One trip: the \Seen rename of this message and the read-ahead of the next.
+            try:
+                ahead = await f.in_pool(_mark_seen_and_read, folder, entry.uid,
+                                        following.uid if following is not None else None)
+            except Exception:
+                log.failure("could not mark message {uid} of {user} seen", Failure(), uid=entry.uid, user=self.user)
+                return
+            if following is not None and ahead is not None:
+                self._ahead = (following.uid, succeed(ahead))
+
+    def _next_small(self, n: int) -> Entry | None:
+        """Message `n`, if it is there and small enough to read ahead.
+
+        Clients fetch in order: message n+1 is read while message n travels, so its RETR
+        does not wait for a trip to the pool. Message files never change content (a flag
+        change is a rename), so what is read ahead is what RETR would read.
+        """
+        maildrop = self.maildrop
+        if maildrop is None or self.folder is None or not 1 <= n <= len(maildrop) or n in maildrop.deleted:
+            return None
+        entry = maildrop.entries[n - 1]
+        return entry if entry.size < FIRST_READ else None
+
+    async def _take_read_ahead(self, entry: Entry) -> tuple[BinaryIO | None, bytes] | None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        uid, d = ahead
+        result = await d
+        if uid == entry.uid:
+            return result
+        if result is not None and result[0] is not None:
+            await self.factory.in_pool(result[0].close)  # not the message asked for
+        return None
+
+    async def _stream_rest(self, fh: BinaryIO, start: bytes, retrieval: Retrieval, entry: Entry) -> bool:
+        """A message larger than FIRST_READ: the rest in READ_CHUNK reads, one per pool trip,
+        with a push producer so no chunk is read while the socket's buffer is full."""
+        f = self.factory
         throttle = self._throttle = _Throttle()
-        complete = False
         try:
             self.transport.registerProducer(throttle, True)
-            head = f"{entry.size} octets" if lines is None else "top of message follows"
-            self._write(Response.positive(head).to_bytes())
-            retrieval = Retrieval(lines)
+            self._write(start)
             while not retrieval.done:
                 try:
                     chunk = await f.in_pool(fh.read, READ_CHUNK)
@@ -698,9 +762,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                     # The +OK went out: the only honest way to fail now is to cut the line.
                     log.failure("read error in message {uid} of {user}", Failure(), uid=entry.uid, user=self.user)
                     self.abort()
-                    return
+                    return False
                 if not self._open:
-                    return
+                    return False
                 if not chunk:
                     break
                 out = retrieval.feed(chunk)
@@ -710,22 +774,42 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                     if throttle.paused:
                         await throttle.wait()
                         if not self._open:
-                            return
+                            return False
             self._write(retrieval.finish())
-            complete = True
+            return True
         finally:
             self._throttle = None
             if self._open:
                 self.transport.unregisterProducer()
             await f.in_pool(fh.close)
-        if complete and lines is None:
-            self.maildrop.retrieved.add(n)
-            if not self.factory.config.pop3.mark_seen:
-                return  # `pop3.mark_seen = false`: the file stays as delivered
-            try:
-                await f.in_pool(mark_seen, folder, entry.uid)
-            except Exception:
-                log.failure("could not mark message {uid} of {user} seen", Failure(), uid=entry.uid, user=self.user)
+
+
+def _read_quietly(folder: Folder, uid: int) -> tuple[BinaryIO | None, bytes] | None:
+    """In the pool: a read-ahead; None on any error (RETR then reads again and reports it)."""
+    try:
+        return _open_and_read(folder, uid, FIRST_READ)
+    except Exception:
+        return None
+
+
+def _mark_seen_and_read(folder: Folder, uid: int, following: int | None) -> tuple[BinaryIO | None, bytes] | None:
+    """In the pool: \\Seen for `uid`, then the read-ahead of `following`."""
+    mark_seen(folder, uid)
+    return _read_quietly(folder, following) if following is not None else None
+
+
+def _open_and_read(folder: Folder, uid: int, size: int) -> tuple[BinaryIO | None, bytes]:
+    """In the pool: the message's first `size` bytes, and its open file if there is more."""
+    fh = folder.open_message(uid)
+    try:
+        first = fh.read(size)
+    except BaseException:
+        fh.close()
+        raise
+    if len(first) < size:
+        fh.close()
+        return None, first
+    return fh, first
 
 
 class _Closed(Exception):
