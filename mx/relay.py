@@ -529,11 +529,12 @@ class Relay(service.Service):
                 try:
                     result = await self._send(conn, entry, work)
                 except SMTPClientError as e:
-                    if e.stage != "connect":
+                    if e.reply is not None or e.stage not in ("connect", "mail"):
                         raise
                     # The remote closed the reused connection after the last transaction
-                    # (a per-connection limit, an idle timeout): that says nothing about this
-                    # message, so try a fresh connection.
+                    # (a per-connection limit, an idle timeout), found before our MAIL or
+                    # while it was in flight, before any reply to it: that says nothing
+                    # about this message, so try once more on a fresh connection.
                     conn.abort()
                     conn = None
             if result is None:

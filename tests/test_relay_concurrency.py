@@ -333,3 +333,27 @@ class ReportedCaseTests(RelayTestCase):
             self.assertQueueEmpty()
             await mail.stopService()
             ok.messages.clear()
+
+
+class ReusedConnectionTests(RelayTestCase):
+    async def test_reused_connection_lost_while_mail_is_in_flight_is_replaced(self) -> None:
+        # The remote drops a reused connection as our MAIL arrives (no reply to it): that
+        # says nothing about the message, which goes on a fresh connection at once.
+        class DropsSecondMail(RemoteHandler):
+            async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                                  options: list[str]) -> str:
+                seen = getattr(session, "mx_mails", 0) + 1
+                session.mx_mails = seen
+                if seen == 2:
+                    server.transport.abort()
+                    return "421 4.3.2 gone"  # never reaches the client
+                return await super().handle_MAIL(server, session, envelope, address, options)
+
+        await self.start(self.make(A), per_destination=1)
+        await self.send(subject="one")
+        await self.send(subject="two")
+        await self.advance()  # no remote yet: both deferred
+        mx1 = self.remote(handler=DropsSecondMail(MX1))
+        await self.advance(120)
+        self.assertEqual(sorted(m.subject for m in mx1.messages), ["one", "two"])
+        self.assertQueueEmpty()
