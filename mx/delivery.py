@@ -70,9 +70,9 @@ class _IdSource:
     then the queue publishes new records with link(), which refuses an existing name.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time, seed: bytes | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._random = random.Random(seed if seed is not None else os.urandom(16))
+        self._random = random.Random(os.urandom(16))
         self._last = 0
         self._count = itertools.count()
 

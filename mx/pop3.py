@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
-from mx.smtp import BodyEncoder
+from mx.smtp import LINE_TOO_LONG, BodyEncoder, take_line
 
 __all__ = [
     "ALLOWED", "BadLine", "Command", "MAX_COMMAND_LINE", "MAX_SASL_LINE", "Maildrop", "NEED_DATA",
@@ -154,25 +154,11 @@ class Session:
         self._raw_next = True
 
     def next_event(self) -> Event:
-        buf = self._buf
-        lf = buf.find(b"\n")
-        if self._skipping_long_line:
-            if lf < 0:
-                buf.clear()
-                return NEED_DATA
-            del buf[: lf + 1]
-            self._skipping_long_line = False
-            self._raw_next = False
-            return BadLine(TOO_LONG)
-        if lf < 0:
-            if len(buf) > MAX_SASL_LINE:
-                buf.clear()
-                self._skipping_long_line = True
+        line, self._skipping_long_line = take_line(self._buf, MAX_SASL_LINE, self._skipping_long_line)
+        if line is None:
             return NEED_DATA
-        line = bytes(buf[: lf + 1])
-        del buf[: lf + 1]
         raw, self._raw_next = self._raw_next, False
-        if len(line) > MAX_SASL_LINE:
+        if line is LINE_TOO_LONG:
             return BadLine(TOO_LONG)
         # RFC 1939 §3: lines end in CRLF; be lenient with a bare LF (many scripts send one),
         # but a CR anywhere else is never part of a command.

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 __all__ = [
+    "LINE_TOO_LONG",
+    "take_line",
     "Reply",
     "Command",
     "RawLine",
@@ -145,6 +147,39 @@ def _tail_keep(buf: bytes) -> int:
     return 0
 
 
+class _TooLong(Enum):
+    LINE_TOO_LONG = "LINE_TOO_LONG"
+
+
+LINE_TOO_LONG = _TooLong.LINE_TOO_LONG
+
+
+def take_line(buf: bytearray, limit: int, skipping: bool) -> tuple[bytes | _TooLong | None, bool]:
+    """The line framing SMTP and POP3 share: the next line of `buf`, LF included (removed
+    from `buf`), `LINE_TOO_LONG` for a line over `limit` octets, or None to wait for more;
+    with whether an over-long line is still being skipped.
+
+    An over-long line costs O(limit) memory however long it is: its start is dropped as it
+    arrives, the rest skipped up to its LF, and it is reported once (then framing goes on at
+    the next line, so a client can never desynchronise the command stream).
+    """
+    lf = buf.find(b"\n")
+    if skipping:
+        if lf < 0:
+            buf.clear()
+            return None, True
+        del buf[: lf + 1]
+        return LINE_TOO_LONG, False
+    if lf < 0:
+        if len(buf) > limit:
+            buf.clear()
+            return None, True
+        return None, False
+    line = bytes(buf[: lf + 1])
+    del buf[: lf + 1]
+    return (LINE_TOO_LONG if len(line) > limit else line), False
+
+
 @dataclass(slots=True)
 class ServerSession:
     """Server-side framing of one SMTP connection: command lines, then DATA, and back."""
@@ -186,23 +221,10 @@ class ServerSession:
     # -- command lines --------------------------------------------------------------
 
     def _next_command_event(self) -> Event:
-        buf = self._buf
-        lf = buf.find(b"\n")
-        if self._skipping_long_line:
-            if lf < 0:
-                buf.clear()
-                return NEED_DATA
-            del buf[: lf + 1]
-            self._skipping_long_line = False
-            return BadLine(Reply(500, "5.5.6", "Line too long (RFC 5321 §4.5.3.1.4)"))
-        if lf < 0:
-            if len(buf) > MAX_COMMAND_LINE:
-                buf.clear()
-                self._skipping_long_line = True
+        line, self._skipping_long_line = take_line(self._buf, MAX_COMMAND_LINE, self._skipping_long_line)
+        if line is None:
             return NEED_DATA
-        line = bytes(buf[: lf + 1])
-        del buf[: lf + 1]
-        if len(line) > MAX_COMMAND_LINE:
+        if line is LINE_TOO_LONG:
             return BadLine(Reply(500, "5.5.6", "Line too long (RFC 5321 §4.5.3.1.4)"))
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             # RFC 5321 §2.3.8: CR and LF only ever appear together as CRLF.

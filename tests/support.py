@@ -177,6 +177,24 @@ async def start_server(case: TestCase, config: Config, reactor: Any = None) -> S
     return Server(config, listening.getHost().port, factory, pool, users)
 
 
+def clocked_authenticator(case: TestCase, config: Config) -> tuple[ThreadPool, Any, UserDB, Any]:
+    """(pool, clock, users, authenticator) for tests below the socket: real password checks
+    in a small pool (stopped at cleanup), failure brakes on a `task.Clock`."""
+    from twisted.internet import reactor
+    from twisted.internet.task import Clock
+
+    from mx.auth import Authenticator, FailureTracker
+
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth")
+    pool.start()
+    case.addCleanup(pool.stop)
+    clock = Clock()
+    users = UserDB(config.auth.users_file)
+    auth = Authenticator(users, reactor, pool)
+    auth.failures = FailureTracker(clock=clock.seconds)
+    return pool, clock, users, auth
+
+
 # --- blocking clients (run them in a thread) --------------------------------------------
 
 

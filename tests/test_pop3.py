@@ -9,8 +9,6 @@ falls on a chunk boundary is covered wherever it falls.
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -69,13 +67,6 @@ def retrieve(message: bytes, chunks: list[int], lines: int | None = None) -> byt
             break
         out += r.feed(message[a:b])
     return out + r.finish()
-
-
-class LayerTests(SynchronousTestCase):
-    def test_core_does_not_import_twisted(self) -> None:
-        code = "import sys, mx.pop3; print(any(m == 'twisted' or m.startswith('twisted.') for m in sys.modules))"
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        self.assertEqual((out.returncode, out.stdout.strip()), (0, "False"), out.stderr)
 
 
 class ResponseTests(SynchronousTestCase):

@@ -35,16 +35,15 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
-from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SkipTest, TestCase
 
 from mx import pop3server
-from mx.auth import MAX_AUTH_FAILURES, Authenticator, FailureTracker
+from mx.auth import MAX_AUTH_FAILURES
 from mx.listeners import Service
 from mx.maildir import unique_name
 from mx.pop3server import LOCK_FILE, POP3ServerFactory, open_maildrop
-from mx.users import UserDB
 from tests.support import (
+    clocked_authenticator,
     HOSTNAME,
     SOCKET_TIMEOUT,
     _toml,
@@ -894,13 +893,7 @@ class BelowTheSocketTests(TestCase):
     def setUp(self) -> None:
         self.config = make_config(self)
         add_users(self.config, {ALICE: ALICE_PW})
-        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-pop3")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
-        self.clock = Clock()
-        users = UserDB(self.config.auth.users_file)
-        self.auth = Authenticator(users, reactor, self.pool)
-        self.auth.failures = FailureTracker(clock=self.clock.seconds)
+        self.pool, self.clock, users, self.auth = clocked_authenticator(self, self.config)
         self.factory = POP3ServerFactory(
             config=self.config, reactor=reactor, read_pool=self.pool, authenticator=self.auth,
             clock=self.clock, kind="pop3s",

@@ -27,15 +27,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from mx.auth import Authenticator, FailureTracker, SASLError, decode_b64, decode_plain
+from mx.auth import FailureTracker, SASLError, decode_b64, decode_plain
 from mx.delivery import Delivery
 from mx.routing import Router
 from mx.smtpserver import MAX_AUTH_FAILURES, SMTPServerFactory
-from mx.users import UserDB
 from tests.support import (
+    clocked_authenticator,
     CLIENT_HELO,
     HOSTNAME,
     RawClient,
@@ -844,13 +843,7 @@ class ThrottleTests(TestCase):
     def setUp(self) -> None:
         self.config = make_config(self)
         add_users(self.config, {ALICE: ALICE_PW})
-        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
-        self.clock = Clock()
-        users = UserDB(self.config.auth.users_file)
-        self.auth = Authenticator(users, reactor, self.pool)
-        self.auth.failures = FailureTracker(clock=self.clock.seconds)
+        self.pool, self.clock, users, self.auth = clocked_authenticator(self, self.config)
         self.factory = SMTPServerFactory(
             config=self.config, router=Router(self.config, users.exists),
             delivery=Delivery(self.config, reactor, self.pool), clock=self.clock,
