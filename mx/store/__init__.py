@@ -1,10 +1,11 @@
 """The mailbox store: Maildir++ folders that Dovecot can read and write alongside mx.
 
 No Twisted here: blocking file I/O, called by the protocols from the store thread pool.
-Modules: `folder` (one folder's view: UIDs, flags, sizes, changes), `uidlist`
+Modules: `folder` (one folder's view: UIDs, flags, sizes, changes; IMAP's APPEND, COPY,
+INTERNALDATE and \\Recent), `write` (the files APPEND and COPY put into cur/), `uidlist`
 (`dovecot-uidlist` v3), `dotlock` (Dovecot's NFS-safe dot-lock), `flags` (letters in names,
-`dovecot-keywords`), `mailbox` (a user's folders and subscriptions), `utf7` (folder names on
-disk). Delivery into `new/` stays in `mx.maildir`.
+`dovecot-keywords`), `mailbox` (a user's folders: create, delete, rename, special use,
+subscriptions), `utf7` (folder names on disk). Delivery into `new/` stays in `mx.maildir`.
 
 Invariants kept across the package:
 - The store writes only Dovecot's own files inside a Maildir (`dovecot-uidlist`, its
@@ -18,7 +19,7 @@ Invariants kept across the package:
 from mx.store.errors import LockTimeout, MessageGone, StoreError
 from mx.store.flags import Keywords
 from mx.store.folder import Changes, Folder, MessageInfo, clean_tmp
-from mx.store.mailbox import Mailbox, sweep_tmp
+from mx.store.mailbox import SPECIAL_USE, Mailbox, sweep_tmp
 
 __all__ = [
     "StoreError",
@@ -28,6 +29,7 @@ __all__ = [
     "Changes",
     "Folder",
     "Mailbox",
+    "SPECIAL_USE",
     "Keywords",
     "clean_tmp",
     "sweep_tmp",

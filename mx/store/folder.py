@@ -24,6 +24,16 @@ Invariants:
   then cannot hide a change); otherwise it re-lists.
 - A file that vanished is `MessageGone` (after one re-listing finds no other name with its
   base); it is never an `OSError` escaping to the protocol.
+- The table (`messages()`, `get()`) changes only in `open`/`refresh()` and by this object's own
+  `set_flags`/`expunge`. `append` and `copy_into` write files and give them UIDs but leave
+  the table alone: the next `refresh()` of any Folder on that directory (this one included)
+  reports them in `Changes.new`, in UID order with whatever else arrived meanwhile, so a
+  session announces EXISTS from `refresh()` alone and its sequence numbers never need a
+  message inserted below one already announced. The returned UIDs are for UIDPLUS.
+- \\Recent (RFC 3501 §2.3.2) is the session that moved a message new/ -> cur/
+  (`take_recent()`); appended and copied messages go straight into cur/, so no refresh
+  makes them recent: the writing session decides that itself.
+- INTERNALDATE is the file's mtime, as Dovecot's Maildir has it.
 """
 
 from __future__ import annotations
@@ -32,12 +42,13 @@ import gc
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mx.store import uidlist
+from mx.durable import Staged
+from mx.store import uidlist, write
 from mx.store.dotlock import DotLock
 from mx.store.errors import MessageGone, StoreError
 from mx.store.flags import EMPTY, Keywords, check_flags, info_name, size_field, split_name
@@ -118,6 +129,10 @@ class Folder:
         self._fields: dict[int, str] = {}
         self._snapshot: tuple[int, int, tuple[int, int, int] | None] | None = None
         self._keywords: Keywords | None = None
+        self._recent: set[int] = set()
+        # The UIDVALIDITY under which the last append/copy_into (into this folder) gave its
+        # UIDs: `uidvalidity` unless the list was rebuilt meanwhile (refresh() then says so).
+        self.assigned_uidvalidity = 0
 
     # -- opening and syncing ------------------------------------------------------------
 
@@ -203,10 +218,17 @@ class Folder:
         self._snapshot = (*listing.stamp, ul_stamp) if listing.calm and not moved else None
         return changes
 
-    def _assign_locked(self) -> tuple[uidlist.UidList, tuple[int, int, int] | None, _Listing]:
-        """Under the dot-lock: re-read, re-list, give new files UIDs, rewrite if changed."""
+    def _assign_locked(
+        self, publish: Callable[[], None] | None = None
+    ) -> tuple[uidlist.UidList, tuple[int, int, int] | None, _Listing]:
+        """Under the dot-lock: re-read, re-list, give new files UIDs, rewrite if changed.
+
+        `publish` runs first inside the lock (our own files entering cur/), so nobody lists
+        them before we give them their UIDs."""
         target = self.path / uidlist.UIDLIST_FILE
         with DotLock(target, mode=_file_mode(self.path)) as lock:
+            if publish is not None:
+                publish()
             ul, _stamp, why = self._read_list()
             if ul is None:
                 previous = self.uidvalidity
@@ -327,6 +349,7 @@ class Folder:
                 except OSError as e:
                     raise StoreError(f"cannot move {info.name} into cur/: {e.strerror}") from None
                 self._by_uid[uid] = self._info_from(info, _CUR, name)
+                self._recent.add(uid)
                 moved += 1
         return moved
 
@@ -468,6 +491,109 @@ class Folder:
         if removed:
             self._snapshot = None
         return removed
+
+    # -- IMAP: dates, \\Recent, APPEND and COPY -------------------------------------------
+
+    def internaldate(self, uid: int) -> float:
+        """INTERNALDATE: the file's mtime (follows a rename; `MessageGone` if gone)."""
+        info = self._current(uid)
+        for _attempt in range(3):
+            try:
+                return os.stat(self.path / info.subdir / info.name).st_mtime
+            except FileNotFoundError:
+                info = self._relocate(info)
+            except OSError as e:
+                raise StoreError(f"{self.path / info.subdir / info.name}: {e.strerror}") from None
+        raise MessageGone(f"{self.path}: message {uid} keeps moving")
+
+    def internaldates(self, uids: Iterable[int]) -> dict[int, float]:
+        """`internaldate` of each; messages that are gone are left out."""
+        out: dict[int, float] = {}
+        for uid in uids:
+            try:
+                out[uid] = self.internaldate(uid)
+            except MessageGone:
+                continue
+        return out
+
+    def take_recent(self) -> set[int]:
+        """The UIDs this object moved from new/ to cur/ (take_new=True) since the last call:
+        RFC 3501 \\Recent for the session that saw them first."""
+        recent, self._recent = self._recent, set()
+        return recent
+
+    def in_new(self, uid: int) -> bool:
+        """Is the message still in new/ (as of the last refresh)? \\Recent for EXAMINE."""
+        info = self._by_uid.get(uid)
+        return info is not None and info.subdir == _NEW
+
+    def append(self, data: bytes, letters: Iterable[str] = (), internaldate: float | None = None) -> MessageInfo:
+        """APPEND: a new message with these flags and INTERNALDATE (file mtime), durable
+        before its UID is given; `StoreError` leaves nothing behind. The table is not
+        changed: the next `refresh()` reports the message as new."""
+        flags = check_flags(letters)
+        self._ensure_dirs()
+        staged = write.stage_message(self.path, data, flags, internaldate)
+        uids = self._publish_and_assign([staged])
+        base, name = staged.final.name.split(":", 1)[0], staged.final.name
+        uid = uids.get(base)
+        if uid is None:  # removed by someone else before we could list it
+            raise MessageGone(f"{self.path}: appended message {base} vanished at once")
+        return MessageInfo(uid, base, name, _CUR, len(data), flags)
+
+    def copy_into(self, uids: Sequence[int], dest: Folder) -> list[tuple[int, int]]:
+        """COPY: each message (in this order) as a new file in `dest` with the same bytes,
+        flags (keywords re-mapped by name) and mtime: hard links where possible. Returns
+        (source UID, dest UID) for the messages that still existed; `dest`'s table, like
+        this one's, is not changed (its next `refresh()` reports the copies)."""
+        dest._ensure_dirs()
+        keymap = write.KeywordMap(self.keywords, dest.keywords, same=dest.path == self.path, log=self._log)
+        infos = [info for info in map(self._by_uid.get, uids) if info is not None]
+        bases = write.unique_bases((info.size, info.vsize) for info in infos)
+        staged: list[Staged] = []
+        copied: list[int] = []
+        try:
+            for info, base in zip(infos, bases):
+                s = self._stage_copy(info, dest.path, base, keymap)
+                if s is not None:
+                    staged.append(s)
+                    copied.append(info.uid)
+            write.sync_copies(staged)
+        except BaseException:
+            write.forget(staged, dest.path / _CUR)
+            raise
+        if not staged:
+            return []
+        given = dest._publish_and_assign(staged)
+        pairs = []
+        for uid, s in zip(copied, staged):
+            new_uid = given.get(s.final.name.split(":", 1)[0])
+            if new_uid is not None:
+                pairs.append((uid, new_uid))
+        return pairs
+
+    def _stage_copy(self, info: MessageInfo, dest: Path, base: str, keymap: write.KeywordMap) -> Staged | None:
+        for _attempt in range(3):
+            try:  # the flags of the name found: a rename by anyone is a flag change
+                return write.stage_copy(self.path / info.subdir / info.name, dest, base, keymap.flags(info.flags))
+            except FileNotFoundError:
+                try:
+                    info = self._relocate(info)
+                except MessageGone:
+                    return None
+        return None
+
+    def _publish_and_assign(self, staged: list[Staged]) -> dict[str, int]:
+        """Publish into cur/ and give UIDs, both under the uidlist lock; base -> UID."""
+        cur = self.path / _CUR
+        try:
+            ul, _stamp, _listing = self._assign_locked(lambda: write.publish_into(staged, cur))
+        except BaseException:
+            write.forget(staged, cur)
+            raise
+        self._snapshot = None
+        self.assigned_uidvalidity = ul.uidvalidity
+        return ul.uids
 
     # -- keywords ------------------------------------------------------------------------
 

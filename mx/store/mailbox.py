@@ -13,24 +13,51 @@ Invariants:
   separated by TAB, tab-escaped) is kept as version 2; a version 1 file (one name per line)
   or a new one is written as version 1, exactly as Dovecot's `subscription-file.c` does.
   It is rewritten only under its dot-lock.
+- DELETE renames the folder to Dovecot's `..DOVECOT-TRASHED` inside the root (or into it,
+  under a unique name, when it exists), fsyncs the root, then removes that tree: the folder
+  vanishes atomically and a crash leaves only the trash, which no listing shows (its name has
+  an empty component) and the next delete removes. Children (".a.b" of "a") stay: Maildir++
+  has no real parents, so "a" becomes a non-existent parent (`has_children`).
+- RENAME renames the directory and each child's with `rename()`, so the uidlist (and its
+  UIDVALIDITY) moves along, as Dovecot does; INBOX instead gives all its messages to a new
+  folder and stays, empty, with its UIDVALIDITY (RFC 3501 §6.3.5). Neither DELETE nor
+  RENAME touches `subscriptions` (RFC 3501 §6.3.4; Dovecot leaves them too).
+- Special use (RFC 6154) is by name only (`SPECIAL_USE`), as Dovecot's default config marks
+  `mailbox Sent { special_use = \\Sent }`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from mx.durable import atomic_write, fsync_dir
 from mx.store import utf7
 from mx.store.dotlock import DotLock
 from mx.store.errors import StoreError
+from mx.store.flags import KEYWORDS_FILE
 from mx.store.folder import Folder, clean_tmp
 
-__all__ = ["Mailbox", "SEPARATOR", "folder_dir_name", "sweep_tmp"]
+__all__ = ["Mailbox", "SEPARATOR", "SPECIAL_USE", "TRASH_DIR", "folder_dir_name", "sweep_tmp"]
 
 SEPARATOR = "."
 SUBSCRIPTIONS_FILE = "subscriptions"
+TRASH_DIR = "..DOVECOT-TRASHED"  # Dovecot's MAILBOX_LIST_MAILDIR_TRASH_DIR_NAME, sep twice
 _V2_HEADER = "V\t2\n\n"
+
+# RFC 6154 attributes of the folders every user gets (`ensure_special_folders`).
+SPECIAL_USE: dict[str, str] = {
+    "Sent": "\\Sent",
+    "Drafts": "\\Drafts",
+    "Trash": "\\Trash",
+    "Junk": "\\Junk",
+    "Archive": "\\Archive",
+}
 
 
 def _check_name(name: str) -> list[str]:
@@ -72,24 +99,41 @@ class Mailbox:
     def exists(self, name: str) -> bool:
         return self.path_of(name).is_dir()
 
-    def list_folders(self) -> list[str]:
-        """"INBOX" and every `.Name` directory, decoded, sorted; undecodable names skipped."""
-        names: list[str] = []
+    def _scan(self) -> dict[str, str]:
+        """{folder name: directory name} of every `.Name` directory (one scandir); names that
+        do not decode, or have an empty component (`..DOVECOT-TRASHED`), are skipped."""
+        found: dict[str, str] = {}
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
-            return ["INBOX"]
+            return found
         except OSError as e:
             raise StoreError(f"{self.root}: {e.strerror}") from None
         for entry in entries:
             n = entry.name
-            if len(n) < 2 or n[0] != SEPARATOR or n == ".." or not entry.is_dir():
+            if len(n) < 2 or n[0] != SEPARATOR or not entry.is_dir():
+                continue
+            parts = n[1:].split(SEPARATOR)
+            if "" in parts:
                 continue
             try:
-                names.append(SEPARATOR.join(utf7.decode(p) for p in n[1:].split(SEPARATOR)))
+                found[SEPARATOR.join(utf7.decode(p) for p in parts)] = n
             except ValueError:
                 continue
-        return ["INBOX", *sorted(names)]
+        return found
+
+    def list_folders(self) -> list[str]:
+        """"INBOX" and every `.Name` directory, decoded, sorted; undecodable names skipped."""
+        return ["INBOX", *sorted(self._scan())]
+
+    def has_children(self, name: str) -> bool:
+        """Is there a folder below `name` ("a.b" for "a")? `name` itself need not exist
+        (a Maildir++ parent is only implied). INBOX has none: Maildir++ folders are its
+        siblings."""
+        if _is_inbox(name):
+            return False
+        prefix = folder_dir_name(name) + SEPARATOR
+        return any(d.startswith(prefix) for d in self._scan().values())
 
     def create(self, name: str) -> None:
         """Make the folder (cur/ new/ tmp/ and `maildirfolder`); `StoreError` if it exists."""
@@ -103,10 +147,148 @@ class Mailbox:
             raise StoreError(f"folder {name!r} already exists") from None
         except OSError as e:
             raise StoreError(f"cannot create folder {name!r}: {e.strerror}") from None
-        for sub in ("tmp", "new", "cur"):
-            os.mkdir(path / sub, 0o700)
-        with open(path / "maildirfolder", "wb"):
-            pass
+        try:
+            for sub in ("tmp", "new", "cur"):
+                os.mkdir(path / sub, 0o700)
+            with open(path / "maildirfolder", "wb"):
+                pass
+            fsync_dir(path)
+            fsync_dir(self.root)
+        except OSError as e:
+            raise StoreError(f"cannot create folder {name!r}: {e.strerror}") from None
+
+    def delete(self, name: str) -> None:
+        """Remove the folder and its messages; its children and its subscription stay
+        (RFC 3501 §6.3.4). `StoreError` for INBOX or a folder that does not exist."""
+        if _is_inbox(name):
+            raise StoreError("INBOX cannot be deleted")  # RFC 3501 §6.3.4
+        path = self.path_of(name)
+        if not path.is_dir():
+            raise StoreError(f"no folder {name!r}")
+        trash = self.root / TRASH_DIR
+        target = trash
+        for _attempt in range(5):  # Dovecot's `mailbox_list_delete_maildir_via_trash`
+            try:
+                os.rename(path, target)
+                break
+            except FileNotFoundError:
+                if not path.is_dir():
+                    raise StoreError(f"no folder {name!r}") from None
+                target = trash  # the trash was removed meanwhile
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or target != trash:
+                    raise StoreError(f"cannot delete folder {name!r}: {e.strerror}") from None
+                # A trash left by a crash or a delete in progress: go inside it.
+                target = trash / f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(8)}"
+        else:
+            raise StoreError(f"cannot delete folder {name!r}: the trash keeps changing")
+        try:
+            fsync_dir(self.root)
+        except OSError as e:
+            raise StoreError(f"cannot delete folder {name!r}: {e.strerror}") from None
+        self._remove_trash(trash)
+
+    def _remove_trash(self, trash: Path) -> None:
+        def failed(_func: object, path: str, exc_info: tuple[type[BaseException], BaseException, object]) -> None:
+            if not isinstance(exc_info[1], FileNotFoundError):  # another delete is removing it too
+                problems.append(f"{path}: {exc_info[1]}")
+
+        problems: list[str] = []
+        shutil.rmtree(trash, onerror=failed)  # onexc only from Python 3.12
+        if problems and self._log is not None:
+            self._log(f"{trash}: not all removed (the next delete retries): {problems[0]}")
+
+    def rename(self, old: str, new: str) -> None:
+        """RENAME `old` (and every folder below it) to `new`, keeping UIDs and UIDVALIDITY;
+        INBOX's messages move into a new folder `new` instead (RFC 3501 §6.3.5).
+        `StoreError` if `new` (or a child's new name) exists, `old` does not, or `new` is
+        below `old`. Subscriptions are left as they are."""
+        if _is_inbox(new):
+            raise StoreError("INBOX already exists")
+        new_dir = folder_dir_name(new)
+        if _is_inbox(old):
+            self._rename_inbox(new)
+            return
+        old_dir = folder_dir_name(old)
+        if old_dir == new_dir:
+            raise StoreError(f"folder {new!r} already exists")
+        if new_dir.startswith(old_dir + SEPARATOR):
+            raise StoreError(f"cannot rename {old!r} below itself")
+        if not (self.root / old_dir).is_dir():
+            raise StoreError(f"no folder {old!r}")
+        moves = [(old_dir, new_dir)]
+        try:
+            entries = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        except OSError as e:
+            raise StoreError(f"{self.root}: {e.strerror}") from None
+        moves += [(d, new_dir + d[len(old_dir) :]) for d in entries if d.startswith(old_dir + SEPARATOR)]
+        for _src, dst in moves:
+            if os.path.lexists(self.root / dst):
+                raise StoreError(f"folder {new!r} already exists" if dst == new_dir else f"{dst} already exists")
+        failed: list[str] = []
+        for src, dst in moves:
+            try:
+                os.rename(self.root / src, self.root / dst)
+            except OSError as e:
+                if src == old_dir:
+                    raise StoreError(f"cannot rename {old!r}: {e.strerror}") from None
+                failed.append(f"{src}: {e.strerror}")
+        try:
+            fsync_dir(self.root)
+        except OSError as e:
+            raise StoreError(f"cannot rename {old!r}: {e.strerror}") from None
+        if failed:
+            raise StoreError(f"renamed {old!r} but not all below it: {'; '.join(failed[:3])}")
+
+    def _rename_inbox(self, new: str) -> None:
+        """Create `new` and move every message of INBOX (new/ and cur/) into it; the
+        keywords file goes first, so the letters in the moved names keep their meaning."""
+        self.create(new)
+        dest = self.path_of(new)
+        try:
+            keywords = (self.root / KEYWORDS_FILE).read_bytes()
+        except FileNotFoundError:
+            keywords = None
+        except OSError as e:
+            raise StoreError(f"{self.root / KEYWORDS_FILE}: {e.strerror}") from None
+        try:
+            if keywords is not None:
+                atomic_write(dest / KEYWORDS_FILE, keywords)
+            for sub in ("new", "cur"):  # new/ first: a file moving to cur/ meanwhile is seen there
+                try:
+                    names = os.listdir(self.root / sub)
+                except FileNotFoundError:
+                    continue
+                for n in names:
+                    if n[0] == ".":
+                        continue
+                    try:
+                        os.rename(self.root / sub / n, dest / sub / n)
+                    except FileNotFoundError:
+                        continue  # expunged or moved meanwhile
+            for d in (dest / "new", dest / "cur", self.root / "new", self.root / "cur"):
+                fsync_dir(d)
+        except OSError as e:
+            raise StoreError(f"cannot move INBOX into {new!r}: {e.strerror}") from None
+        Folder.open(dest, log=self._log)  # UIDs in the new folder, in arrival order
+
+    def ensure_special_folders(self) -> list[str]:
+        """Create and subscribe the `SPECIAL_USE` folders that are missing; the names
+        created (none, at the cost of one scandir, when they all exist)."""
+        existing = self._scan()
+        created: list[str] = []
+        for name in SPECIAL_USE:
+            if name in existing:
+                continue
+            try:
+                self.create(name)
+            except StoreError:
+                if self.exists(name):  # created by another session meanwhile
+                    continue
+                raise
+            self.subscribe(name)
+            created.append(name)
+        return created
 
     def clean_tmp(self, older_than: float = 36 * 3600) -> int:
         """`clean_tmp` on INBOX and every folder; the number of files removed."""
