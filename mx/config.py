@@ -111,6 +111,7 @@ class LimitsConfig:
     idle_timeout: float
     max_connections: int = 1000  # all services together
     pop3_idle_timeout: float = 600.0  # RFC 1939 §3: an autologout timer of at least 10 minutes
+    imap_idle_timeout: float = 1800.0  # RFC 3501 §5.4: at least 30 minutes; IDLE re-arms it
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,8 @@ def _build(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
         "limits": (LimitsConfig, {
             "max_message_size": ("25MiB", _positive_size), "max_recipients": (100, _positive_int),
             "max_connections_per_ip": (20, _positive_int), "idle_timeout": ("5m", _positive_duration),
-            "max_connections": (1000, _positive_int), "pop3_idle_timeout": ("10m", _positive_duration)}),
+            "max_connections": (1000, _positive_int), "pop3_idle_timeout": ("10m", _positive_duration),
+            "imap_idle_timeout": ("30m", _positive_duration)}),
         "pop3": (Pop3Config, {"mark_seen": (False, _bool)}),
     }
     sections: dict[str, Any] = {}

@@ -409,10 +409,15 @@ def _decode_word(charset: bytes, encoding: bytes, text: bytes) -> tuple[str, byt
 
 
 def _codec(charset: bytes) -> str | None:
+    """A text codec's name; None for unknown names and for codecs that are not charsets
+    ("base64", "idna", "rot13": Python knows them, but decoding with them raises)."""
     try:
-        return codecs.lookup(charset.decode("ascii")).name
+        info = codecs.lookup(charset.decode("ascii"))
     except (LookupError, UnicodeDecodeError, ValueError):
         return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in ("idna", "punycode"):
+        return None
+    return info.name
 
 
 def _text(octets: bytes) -> str:
@@ -671,7 +676,11 @@ def _mailbox(tokens: list[tuple[str, bytes, int, int]]) -> Address | None:
     lt = next((k for k, t in enumerate(tokens) if t[0] == "<"), -1)
     if lt < 0:
         mailbox, host = _addr_spec(tokens)
-        name = comments[-1].strip() if comments and comments[-1].strip() else None
+        # Only a comment after the addr-spec is the RFC 822 "a@b (Name)" display name; one
+        # before it is just a comment (Dovecot's ENVELOPE agrees: `(x) a@b` has no name).
+        last = max(t[3] for t in tokens if t[0] != "c")
+        trailing = [t[1] for t in tokens if t[0] == "c" and t[2] >= last]
+        name = trailing[-1].strip() if trailing and trailing[-1].strip() else None
         return Address(name, None, mailbox, host)
     name = _phrase(tokens[:lt])
     inner = tokens[lt + 1:]

@@ -48,6 +48,7 @@ from mx.delivery import Delivery, remove_spilled
 from mx.dns import Resolver
 from mx.listeners import ConnectionRegistry, Service
 from mx.durable import unlink_quietly
+from mx.imap.server import IMAPServerFactory
 from mx.pop3server import POP3ServerFactory
 from mx.relay import Relay
 from mx.routing import LocalRecipient, Router
@@ -124,7 +125,8 @@ class MailService(service.MultiService):
             Service.SUBMISSIONS: self._smtp_factory,
             Service.POP3: self._pop3_factory,
             Service.POP3S: self._pop3_factory,
-            # imap, imaps: their factories join this table
+            Service.IMAP: self._imap_factory,
+            Service.IMAPS: self._imap_factory,
         }
         for kind, make in factories.items():
             description = getattr(config.listen, kind.value)
@@ -154,6 +156,19 @@ class MailService(service.MultiService):
             reactor=self.reactor,
             read_pool=self.read_pool,
             authenticator=self.authenticator,
+            kind=kind,
+            tls=self.tls,
+            implicit_tls=kind.implicit_tls,
+            registry=self.registry,
+        )
+
+    def _imap_factory(self, kind: Service) -> IMAPServerFactory:
+        return IMAPServerFactory(
+            config=self.config,
+            reactor=self.reactor,
+            read_pool=self.read_pool,
+            authenticator=self.authenticator,
+            watch=self.watch,
             kind=kind,
             tls=self.tls,
             implicit_tls=kind.implicit_tls,

@@ -1,0 +1,1019 @@
+"""One IMAP session: its state, the one table of commands per state, and every command.
+
+The Twisted protocol (`mx.imap.server`) feeds parsed `Command`s here one at a time and gives
+the session a `Link` (write, start TLS, close, raw lines, back-pressure). Store calls run
+in the read pool through `Link.in_pool`, one at a time per session (a `DeferredLock`), so a
+`Folder` is never used by two threads at once; nothing blocking runs on the reactor thread.
+
+Invariants:
+- A command runs only in a state that allows it (`ALLOWED`); anything else is `BAD`.
+- Untagged data for a command is written before its tagged completion; changes others
+  made to the selected folder (new mail, flags, expunges) are announced after every
+  command, before its tagged response, and while IDLE, but an EXPUNGE never during FETCH,
+  STORE or SEARCH (RFC 3501 §7.4.1; the UID forms may, §6.4.8).
+- SELECT, EXAMINE, STATUS and FETCH of FLAGS/UID/RFC822.SIZE never open a message file
+  (the store reads names and `dovecot-uidlist` only).
+- APPEND answers OK only after the message file and its directory are fsynced
+  (`Folder.append`); a literal above `limits.max_message_size` is refused before it is read.
+- LOGIN and AUTHENTICATE are refused before TLS unless the peer is in
+  `auth.plaintext_without_tls` (LOGINDISABLED is then advertised); failures feed the same
+  per-connection and per-IP brakes as SMTP AUTH and POP3.
+- A message that vanished is skipped by FETCH (`NO [EXPUNGEISSUED]` at the end), never
+  an error that ends the session.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mx import mime
+from mx.auth import Authenticator, Challenge, ConnectionBrake, Rejected, SASLExchange, SASLProblem, plaintext_allowed
+from mx.config import Config
+from mx.imap import fetch, search
+from mx.imap.listing import ListRequest, list_entries, wire_name, wire_to_name
+from mx.imap.parse import Arg, Atom, Command, Literal, Nil, ParenList, Quoted, SequenceSet, as_astring
+from mx.imap.respond import astring, continuation, tagged, untagged, untagged_status
+from mx.imap.selected import View, imap_flags, letters_for
+from mx.maildir import MaildirError, mailbox_path
+from mx.store import Folder, Mailbox, MessageGone, StoreError
+from mx.store.mailbox import SPECIAL_USE, folder_dir_name
+
+__all__ = ["State", "Session", "Link", "ALLOWED", "capabilities"]
+
+log = Logger()
+
+FETCH_BATCH = 500  # messages per read-pool trip of a FETCH that reads files
+FLAGS_BATCH = 20_000  # messages per trip when no file is read
+STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
+_DATE_TIME = re.compile(r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
+_MONTHS = {m.lower(): i for i, m in enumerate(calendar.month_abbr) if m}
+
+
+class State(Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+_ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
+_AUTHED = _ANY | {
+    "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
+    "STATUS", "APPEND", "NAMESPACE", "IDLE", "ENABLE",
+}
+_SELECTED = _AUTHED | {
+    "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+    "UID SEARCH", "UID FETCH", "UID STORE", "UID COPY", "UID MOVE", "UID EXPUNGE",
+}
+ALLOWED: dict[State, frozenset[str]] = {
+    State.NOT_AUTHENTICATED: frozenset(_ANY | {"STARTTLS", "AUTHENTICATE", "LOGIN"}),
+    State.AUTHENTICATED: frozenset(_AUTHED),
+    State.SELECTED: frozenset(_SELECTED),
+    State.LOGOUT: frozenset(),
+}
+# RFC 3501 §7.4.1: no EXPUNGE while responding to these (their UID forms are fine).
+_NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH"})
+
+
+def capabilities(*, tls_available: bool, tls_active: bool, plaintext_ok: bool, authenticated: bool,
+                 append_limit: int) -> list[str]:
+    caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
+            "CHILDREN", "UIDPLUS", "MOVE", "SPECIAL-USE", "CREATE-SPECIAL-USE", "LIST-EXTENDED",
+            "LIST-STATUS", f"APPENDLIMIT={append_limit}"]
+    if not authenticated:
+        if tls_available and not tls_active:
+            caps.append("STARTTLS")
+        if plaintext_ok:
+            caps += ["AUTH=PLAIN", "AUTH=LOGIN"]
+        else:
+            caps.append("LOGINDISABLED")
+    return caps
+
+
+class Link(Protocol):
+    """What a session needs from its connection (`mx.imap.server` implements it)."""
+
+    peer_ip: str
+    tls_active: bool
+    tls_available: bool
+
+    def write(self, data: bytes) -> None: ...
+    def start_tls(self) -> None: ...
+    def close(self) -> None: ...
+    def read_raw_line(self) -> Deferred[bytes | None]: ...
+    def drain(self) -> Deferred[None]: ...
+    def in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]: ...
+    def watch(self, folder: Path, callback: Callable[[], None]) -> Any: ...
+
+
+class Failed(Exception):
+    """A command's tagged NO or BAD."""
+
+    def __init__(self, status: str, text: str, code: Any = None) -> None:
+        super().__init__(text)
+        self.status, self.text, self.code = status, text, code
+
+
+def _bad(text: str) -> Failed:
+    return Failed("BAD", text)
+
+
+def _no(text: str, code: Any = None) -> Failed:
+    return Failed("NO", text, code)
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    """`1:3,7,9:10` for UIDPLUS response codes (in the order given, runs compressed)."""
+    out: list[str] = []
+    i = 0
+    while i < len(uids):
+        j = i
+        while j + 1 < len(uids) and uids[j + 1] == uids[j] + 1:
+            j += 1
+        out.append(str(uids[i]) if i == j else f"{uids[i]}:{uids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_date_time(text: str) -> float:
+    """RFC 3501 date-time `"17-Jul-1996 02:44:25 -0700"` as a POSIX time; ValueError if not."""
+    m = _DATE_TIME.match(text)
+    if not m:
+        raise ValueError("bad date-time")
+    day, mon, year, hh, mm, ss, sign, zh, zm = m.groups()
+    month = _MONTHS.get(mon.lower())
+    if month is None:
+        raise ValueError("bad month")
+    t = calendar.timegm((int(year), month, int(day), int(hh), int(mm), int(ss)))
+    offset = (int(zh) * 60 + int(zm)) * 60
+    return t - offset if sign == "+" else t + offset
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """A message as `mx.imap.search.matches` reads it."""
+
+    seq: int
+    uid: int
+    flags: frozenset[str]
+    size: int
+    internaldate: float | None = None
+    data: bytes | None = None
+    root: mime.Part | None = None
+
+
+# -- store work, run in the read pool --------------------------------------------------
+
+
+def _open_folder(mailbox: Mailbox, name: str, read_only: bool) -> tuple[Folder, set[int], dict[str, str]]:
+    folder = mailbox.folder(name, take_new=not read_only)
+    if read_only:
+        recent = {i.uid for i in folder.messages() if i.subdir == "new"}
+    else:
+        recent = folder.take_recent()
+    return folder, recent, folder.keywords.mapping()
+
+
+def _refresh(folder: Folder) -> tuple[Any, set[int], dict[str, str]]:
+    changes = folder.refresh()
+    recent = folder.take_recent() if folder.take_new else set()
+    return changes, recent, folder.keywords.mapping() if changes else {}
+
+
+def _status(mailbox: Mailbox, name: str) -> dict[str, int]:
+    folder = mailbox.folder(name)
+    infos = folder.messages()
+    return {
+        "MESSAGES": len(infos),
+        "RECENT": sum(1 for i in infos if i.subdir == "new"),
+        "UIDNEXT": folder.next_uid,
+        "UIDVALIDITY": folder.uidvalidity,
+        "UNSEEN": sum(1 for i in infos if "S" not in i.flags),
+    }
+
+
+def _read(folder: Folder, uid: int) -> bytes:
+    with folder.open_message(uid) as fh:
+        return fh.read()
+
+
+def _append(mailbox: Mailbox, name: str, data: bytes, flags: list[str], date: float | None) -> tuple[int, int]:
+    if not mailbox.exists(name):
+        raise _no("Mailbox does not exist", "TRYCREATE")
+    folder = mailbox.folder(name)
+    letters = letters_for(flags, lambda k: folder.keywords.letter(k, create=True))
+    info = folder.append(data, sorted(letters), date)
+    return folder.assigned_uidvalidity, info.uid
+
+
+# -- the session -------------------------------------------------------------------------
+
+
+class Session:
+    """Commands of one connection; `execute(cmd)` returns the bytes of its tagged response."""
+
+    def __init__(self, link: Link, *, config: Config, authenticator: Authenticator, clock: IReactorTime,
+                 brake: ConnectionBrake) -> None:
+        self.link = link
+        self.config = config
+        self.auth = authenticator
+        self.clock = clock
+        self.brake = brake
+        self.state = State.NOT_AUTHENTICATED
+        self.user: str | None = None
+        self.mailbox: Mailbox | None = None
+        self.folder: Folder | None = None
+        self.folder_name: str | None = None
+        self.view: View | None = None
+        self.sasl = SASLExchange()
+        self.commands = 0
+        self._lock = DeferredLock()
+        self._watch: Any = None
+        self._idling = False
+        self._idle_dirty = False
+        self._idle_busy = False
+        self._keepalive: Any = None
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def store(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Run `f` in the read pool after this session's previous store call finished."""
+        return self._lock.run(self.link.in_pool, f, *args)
+
+    @property
+    def plaintext_ok(self) -> bool:
+        return plaintext_allowed(self.link.peer_ip, self.link.tls_active, self.config.auth.plaintext_without_tls)
+
+    def capability_list(self) -> list[str]:
+        return capabilities(tls_available=self.link.tls_available, tls_active=self.link.tls_active,
+                            plaintext_ok=self.plaintext_ok, authenticated=self.state is not State.NOT_AUTHENTICATED,
+                            append_limit=self.config.limits.max_message_size)
+
+    async def execute(self, cmd: Command) -> bytes:
+        self.commands += 1
+        if cmd.name not in ALLOWED[self.state]:
+            known = any(cmd.name in verbs for verbs in ALLOWED.values())
+            return tagged(cmd.tag, "BAD", f"{cmd.name} not allowed now" if known else "Unknown command")
+        handler = getattr(self, "do_" + cmd.name.replace(" ", "_"))
+        try:
+            result = await handler(cmd)
+        except Failed as f:
+            result = tagged(cmd.tag, f.status, f.text, f.code)
+        except StoreError as e:
+            log.info("imap store error for {user}: {error}", user=self.user, error=str(e))
+            result = tagged(cmd.tag, "NO", "Cannot do that with this mailbox now", "SERVERBUG")
+        if self.state is State.SELECTED and cmd.name not in ("LOGOUT", "IDLE"):
+            base = cmd.name.removeprefix("UID ")
+            updates = await self._sync(expunge_ok=cmd.name.startswith("UID ") or base not in _NO_EXPUNGE)
+            if updates:
+                self.link.write(updates)
+        return result
+
+    async def _sync(self, expunge_ok: bool) -> bytes:
+        folder, view = self.folder, self.view
+        if folder is None or view is None:
+            return b""
+        changes, recent, keywords = await self.store(_refresh, folder)
+        if self.view is not view:
+            return b""
+        if not changes:
+            if expunge_ok and view.pending:
+                return view.expunged(sorted(view.pending))
+            return b""
+        out = view.apply(changes, recent, keywords or view.keywords, folder.next_uid, expunge_ok)
+        if changes.uidvalidity_changed:
+            # RFC 3501 §2.3.1.1: the list was rebuilt elsewhere; end the selection.
+            self._deselect()
+            self.link.write(untagged_status("BYE", "Mailbox UIDVALIDITY changed, please reconnect"))
+            self.link.close()
+        return out
+
+    def end(self) -> None:
+        """The connection is gone: drop watches and timers."""
+        self._deselect()
+        self.sasl.cancel()
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+
+    # -- any state ---------------------------------------------------------------------
+
+    async def do_CAPABILITY(self, cmd: Command) -> bytes:
+        self.link.write(untagged("CAPABILITY", " ".join(self.capability_list())))
+        return tagged(cmd.tag, "OK", "CAPABILITY completed")
+
+    async def do_NOOP(self, cmd: Command) -> bytes:
+        return tagged(cmd.tag, "OK", "NOOP completed")
+
+    async def do_LOGOUT(self, cmd: Command) -> bytes:
+        self.link.write(untagged_status("BYE", f"{self.config.hostname} logging out"))
+        self.state = State.LOGOUT
+        self._deselect()
+        return tagged(cmd.tag, "OK", "LOGOUT completed")
+
+    async def do_ID(self, cmd: Command) -> bytes:
+        # RFC 2971: the client's list is only logged; ours names the software.
+        if len(cmd.args) != 1 or not isinstance(cmd.args[0], (ParenList, Nil)):
+            raise _bad("Syntax: ID (field value ...) or ID NIL")
+        self.link.write(b'* ID ("name" "mx" "vendor" "mx")\r\n')
+        return tagged(cmd.tag, "OK", "ID completed")
+
+    async def do_ENABLE(self, cmd: Command) -> bytes:
+        if not cmd.args:
+            raise _bad("Syntax: ENABLE capability ...")
+        self.link.write(b"* ENABLED\r\n")  # no extension that needs enabling is offered
+        return tagged(cmd.tag, "OK", "ENABLE completed")
+
+    # -- not authenticated -------------------------------------------------------------
+
+    async def do_STARTTLS(self, cmd: Command) -> bytes:
+        if cmd.args:
+            raise _bad("STARTTLS takes no arguments")
+        if not self.link.tls_available or self.link.tls_active:
+            raise _bad("TLS is not available" if not self.link.tls_available else "TLS is already active")
+        self.link.write(tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
+        self.link.start_tls()  # discards what the client pipelined behind STARTTLS
+        self.sasl.cancel()
+        return b""
+
+    def _may_try(self, username: str) -> None:
+        if not self.plaintext_ok:
+            self._failed_log(username, "plaintext before TLS")
+            raise _no("Plaintext authentication is not allowed without TLS", "PRIVACYREQUIRED")
+        if self.brake.blocked():
+            self._failed_log(username, "too many failures from this address")
+            self.link.write(untagged_status("BYE", "Too many authentication failures, try later"))
+            self.link.close()
+            raise _no("Too many authentication failures", "UNAVAILABLE")
+
+    def _failed_log(self, username: str, reason: str) -> None:
+        log.info("imap login failed for {username} from {peer}: {reason}", username=username[:100],
+                 peer=self.link.peer_ip, reason=reason, count=self.brake.failures)
+
+    async def do_LOGIN(self, cmd: Command) -> bytes:
+        if len(cmd.args) != 2:
+            raise _bad("Syntax: LOGIN user password")
+        user, password = as_astring(cmd.args[0]), as_astring(cmd.args[1])
+        if user is None or password is None:
+            raise _bad("Syntax: LOGIN user password")
+        self._may_try(user)
+        return await self._login(cmd.tag, user, password)
+
+    async def do_AUTHENTICATE(self, cmd: Command) -> bytes:
+        if not cmd.args or len(cmd.args) > 2 or not isinstance(cmd.args[0], Atom):
+            raise _bad("Syntax: AUTHENTICATE mechanism [initial-response]")
+        self._may_try("(SASL)")
+        initial = as_astring(cmd.args[1]) if len(cmd.args) == 2 else None
+        outcome = self.sasl.start(cmd.args[0].text, initial)
+        while isinstance(outcome, Challenge):
+            self.link.write(continuation(outcome.text))
+            line = await self.link.read_raw_line()
+            if line is None:
+                self.sasl.cancel()
+                return b""
+            try:
+                text = line.decode("ascii")
+            except UnicodeDecodeError:
+                self.sasl.cancel()
+                raise _bad("Invalid SASL response") from None
+            outcome = self.sasl.step(text)
+        if isinstance(outcome, Rejected):
+            if outcome.problem is SASLProblem.CANCELLED:
+                raise _bad("Authentication canceled")
+            if outcome.problem is SASLProblem.UNKNOWN_MECHANISM:
+                raise _no("Unsupported authentication mechanism")
+            raise _bad(outcome.text)
+        return await self._login(cmd.tag, outcome.username, outcome.password)
+
+    async def _login(self, tag: str, username: str, password: str) -> bytes:
+        user = await self.auth.check(username, password)
+        if user is None:
+            canonical = self.auth.canonical(username)
+            known = canonical is not None and self.auth.users.lookup(canonical) is not None
+            verdict = self.brake.failed()
+            self._failed_log(username, "wrong password" if known else "unknown user")
+            if verdict.close:
+                self.link.write(tagged(tag, "NO", "Authentication failed", "AUTHENTICATIONFAILED"))
+                self.link.write(untagged_status("BYE", "Too many authentication failures"))
+                self.link.close()
+                return b""
+            if verdict.delay > 0:
+                d: Deferred[None] = Deferred()
+                self.clock.callLater(verdict.delay, d.callback, None)
+                await d
+            raise _no("Authentication failed", "AUTHENTICATIONFAILED")
+        local, _, domain = user.rpartition("@")
+        try:
+            root = mailbox_path(self.config.data_dir / "mail", domain, local)
+        except MaildirError:
+            self._failed_log(user, "no valid mailbox path")
+            raise _no("No mailbox for this user", "UNAVAILABLE") from None
+        mailbox = Mailbox(root, log=lambda line: log.warn("{user}: {line}", user=user, line=line))
+        try:
+            created = await self.store(mailbox.ensure_special_folders)
+        except StoreError as e:
+            log.warn("imap: cannot make the special-use folders of {user}: {error}", user=user, error=str(e))
+            created = []
+        self.user, self.mailbox, self.state = user, mailbox, State.AUTHENTICATED
+        log.info("imap login {user} from {peer}", user=user, peer=self.link.peer_ip, tls=self.link.tls_active,
+                 created=created)
+        return tagged(tag, "OK", "Logged in", ["CAPABILITY", " ".join(self.capability_list())])
+
+    # -- authenticated: folders -------------------------------------------------------
+
+    def _name(self, arg: Arg) -> str:
+        text = as_astring(arg)
+        if text is None:
+            raise _bad("Mailbox name expected")
+        try:
+            name = wire_to_name(text)
+        except ValueError:
+            raise _no("Invalid mailbox name (modified UTF-7 expected)") from None
+        if name != "INBOX":
+            try:
+                folder_dir_name(name.rstrip("."))  # "..", "/", control characters: refused here
+            except StoreError:
+                raise _no("Invalid mailbox name") from None
+        return name
+
+    def _deselect(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self.folder = self.view = self.folder_name = None
+        if self.state is State.SELECTED:
+            self.state = State.AUTHENTICATED
+
+    async def do_SELECT(self, cmd: Command, read_only: bool = False) -> bytes:
+        if len(cmd.args) != 1:
+            raise _bad(f"Syntax: {cmd.name} mailbox")
+        name = self._name(cmd.args[0])
+        self._deselect()
+        assert self.mailbox is not None
+        if not await self.store(self.mailbox.exists, name):
+            raise _no("Mailbox does not exist", "NONEXISTENT")
+        folder, recent, keywords = await self.store(_open_folder, self.mailbox, name, read_only)
+        view = View.open(folder.messages(), recent, keywords, folder.uidvalidity, folder.next_uid, read_only)
+        out = [view.flags_response(), untagged(len(view), "EXISTS"), untagged(len(view.recent), "RECENT")]
+        unseen = view.first_unseen()
+        if unseen is not None:
+            out.append(untagged_status("OK", "First unseen.", ["UNSEEN", unseen]))
+        out.append(untagged_status("OK", "UIDs valid", ["UIDVALIDITY", view.uidvalidity]))
+        out.append(untagged_status("OK", "Predicted next UID", ["UIDNEXT", view.next_uid]))
+        self.link.write(b"".join(out))
+        self.folder, self.view, self.folder_name, self.state = folder, view, name, State.SELECTED
+        self._watch = self.link.watch(folder.path, self._folder_changed)
+        return tagged(cmd.tag, "OK", f"{'EXAMINE' if read_only else 'SELECT'} completed",
+                      "READ-ONLY" if read_only else "READ-WRITE")
+
+    async def do_EXAMINE(self, cmd: Command) -> bytes:
+        return await self.do_SELECT(cmd, read_only=True)
+
+    async def do_CREATE(self, cmd: Command) -> bytes:
+        if len(cmd.args) not in (1, 2):
+            raise _bad("Syntax: CREATE mailbox [(USE (...))]")
+        name = self._name(cmd.args[0]).rstrip(".")
+        if len(cmd.args) == 2:
+            # RFC 6154 §3: CREATE-SPECIAL-USE; uses are tied to the standard names here.
+            opts = cmd.args[1]
+            if not isinstance(opts, ParenList) or len(opts.items) != 2 or as_astring(opts.items[0]) is None \
+                    or as_astring(opts.items[0]).upper() != "USE" or not isinstance(opts.items[1], ParenList):
+                raise _bad("Syntax: CREATE mailbox (USE (\\Sent ...))")
+            for use in opts.items[1].items:
+                flag = as_astring(use) or ""
+                if SPECIAL_USE.get(name, "").lower() != flag.lower():
+                    raise _no(f"{flag} is only for the folder named "
+                              + next((n for n, u in SPECIAL_USE.items() if u.lower() == flag.lower()), "(none)"),
+                              "USEATTR")
+        if name.upper() == "INBOX":
+            raise _no("INBOX always exists", "ALREADYEXISTS")
+        assert self.mailbox is not None
+        if await self.store(self.mailbox.exists, name):
+            raise _no("Mailbox already exists", "ALREADYEXISTS")
+        await self.store(self.mailbox.create, name)
+        log.info("imap {user} created {folder}", user=self.user, folder=name)
+        return tagged(cmd.tag, "OK", "CREATE completed")
+
+    async def do_DELETE(self, cmd: Command) -> bytes:
+        if len(cmd.args) != 1:
+            raise _bad("Syntax: DELETE mailbox")
+        name = self._name(cmd.args[0])
+        if name == "INBOX":
+            raise _no("INBOX cannot be deleted")
+        assert self.mailbox is not None
+        if not await self.store(self.mailbox.exists, name):
+            raise _no("Mailbox does not exist", "NONEXISTENT")
+        if self.folder_name == name:
+            self._deselect()
+        await self.store(self.mailbox.delete, name)
+        log.info("imap {user} deleted {folder}", user=self.user, folder=name)
+        return tagged(cmd.tag, "OK", "DELETE completed")
+
+    async def do_RENAME(self, cmd: Command) -> bytes:
+        if len(cmd.args) != 2:
+            raise _bad("Syntax: RENAME old new")
+        old, new = self._name(cmd.args[0]), self._name(cmd.args[1]).rstrip(".")
+        assert self.mailbox is not None
+        if not await self.store(self.mailbox.exists, old):
+            raise _no("Mailbox does not exist", "NONEXISTENT")
+        if new == "INBOX" or await self.store(self.mailbox.exists, new):
+            raise _no("Target mailbox already exists", "ALREADYEXISTS")
+        if self.folder_name is not None and (self.folder_name == old or self.folder_name.startswith(old + ".")):
+            if old != "INBOX":
+                self._deselect()
+        await self.store(self.mailbox.rename, old, new)
+        log.info("imap {user} renamed {old} to {new}", user=self.user, old=old, new=new)
+        return tagged(cmd.tag, "OK", "RENAME completed")
+
+    async def do_SUBSCRIBE(self, cmd: Command, on: bool = True) -> bytes:
+        if len(cmd.args) != 1:
+            raise _bad(f"Syntax: {cmd.name} mailbox")
+        name = self._name(cmd.args[0])
+        assert self.mailbox is not None
+        await self.store(self.mailbox.subscribe if on else self.mailbox.unsubscribe, name)
+        return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+
+    async def do_UNSUBSCRIBE(self, cmd: Command) -> bytes:
+        return await self.do_SUBSCRIBE(cmd, on=False)
+
+    async def do_NAMESPACE(self, cmd: Command) -> bytes:
+        self.link.write(b'* NAMESPACE (("" ".")) NIL NIL\r\n')
+        return tagged(cmd.tag, "OK", "NAMESPACE completed")
+
+    async def do_LIST(self, cmd: Command, lsub: bool = False) -> bytes:
+        req = _list_request(cmd.args, lsub)
+        assert self.mailbox is not None
+        if not req.patterns or req.patterns == ("",):
+            # RFC 3501 §6.3.8: an empty pattern asks for the separator and the root.
+            self.link.write(b'* %s (\\Noselect) "." ""\r\n' % (b"LSUB" if lsub else b"LIST"))
+            return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+        folders, subscriptions = await self.store(_folders_and_subscriptions, self.mailbox)
+        entries = list_entries(req, folders, subscriptions)
+        word = b"LSUB" if lsub else b"LIST"
+        out = []
+        for e in entries:
+            line = b"* %s (%s) \".\" %s" % (word, " ".join(e.attributes).encode(), astring(wire_name(e.name)))
+            if e.child_info:
+                line += b' ("CHILDINFO" ("SUBSCRIBED"))'
+            out.append(line + b"\r\n")
+            if req.status and e.selectable:
+                try:
+                    status = await self.store(_status, self.mailbox, e.name)
+                except StoreError:
+                    continue
+                out.append(_status_line(e.name, status, req.status))
+        self.link.write(b"".join(out))
+        return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+
+    async def do_LSUB(self, cmd: Command) -> bytes:
+        return await self.do_LIST(cmd, lsub=True)
+
+    async def do_STATUS(self, cmd: Command) -> bytes:
+        if len(cmd.args) != 2 or not isinstance(cmd.args[1], ParenList) or not cmd.args[1].items:
+            raise _bad("Syntax: STATUS mailbox (items)")
+        name = self._name(cmd.args[0])
+        items = [(as_astring(i) or "").upper() for i in cmd.args[1].items]
+        if any(i not in STATUS_ITEMS for i in items):
+            raise _bad("Unknown STATUS item")
+        assert self.mailbox is not None
+        if not await self.store(self.mailbox.exists, name):
+            raise _no("Mailbox does not exist", "NONEXISTENT")
+        status = await self.store(_status, self.mailbox, name)
+        self.link.write(_status_line(name, status, tuple(items)))
+        return tagged(cmd.tag, "OK", "STATUS completed")
+
+    async def do_APPEND(self, cmd: Command) -> bytes:
+        args = list(cmd.args)
+        if len(args) < 2 or not isinstance(args[-1], Literal):
+            raise _bad("Syntax: APPEND mailbox [(flags)] [date-time] literal")
+        name = self._name(args[0])
+        data = args[-1].value
+        flags: list[str] = []
+        date: float | None = None
+        for extra in args[1:-1]:
+            if isinstance(extra, ParenList) and not flags:
+                flags = [as_astring(f) or "" for f in extra.items]
+                if any(not f for f in flags):
+                    raise _bad("Invalid flag")
+            elif isinstance(extra, Quoted) and date is None:
+                try:
+                    date = parse_date_time(extra.value)
+                except ValueError:
+                    raise _bad("Invalid date-time") from None
+            else:
+                raise _bad("Syntax: APPEND mailbox [(flags)] [date-time] literal")
+        if not data:
+            raise _no("Empty message")
+        if len(data) > self.config.limits.max_message_size:
+            raise _no("Message too large", "TOOBIG")
+        assert self.mailbox is not None
+        try:
+            validity, uid = await self.store(_append, self.mailbox, name, data, flags, date)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        log.info("imap {user} appended {size} octets to {folder} as UID {uid}", user=self.user, size=len(data),
+                 folder=name, uid=uid, uidvalidity=validity)
+        return tagged(cmd.tag, "OK", "APPEND completed", ["APPENDUID", validity, uid])
+
+    # -- IDLE (RFC 2177) ---------------------------------------------------------------
+
+    def _folder_changed(self) -> None:
+        if self._idling:
+            self._idle_dirty = True
+            if not self._idle_busy:
+                Deferred.fromCoroutine(self._idle_push())
+
+    async def _idle_push(self) -> None:
+        self._idle_busy = True
+        try:
+            while self._idle_dirty and self._idling:
+                self._idle_dirty = False
+                try:
+                    updates = await self._sync(expunge_ok=True)
+                except Exception:
+                    log.failure("imap idle refresh failed for {user}", user=self.user)
+                    return
+                if updates and self._idling:
+                    self.link.write(updates)
+        finally:
+            self._idle_busy = False
+
+    async def do_IDLE(self, cmd: Command) -> bytes:
+        if cmd.args:
+            raise _bad("IDLE takes no arguments")
+        if self.state is State.SELECTED:
+            updates = await self._sync(expunge_ok=True)
+            if updates:
+                self.link.write(updates)
+        self.link.write(continuation("idling"))
+        self._idling = True
+        self._keepalive = self.clock.callLater(IDLE_KEEPALIVE, self._still_here)
+        try:
+            if self.state is State.SELECTED:
+                self._folder_changed()  # anything between the sync above and now
+            line = await self.link.read_raw_line()
+        finally:
+            self._idling = False
+            if self._keepalive is not None and self._keepalive.active():
+                self._keepalive.cancel()
+            self._keepalive = None
+        if line is None:
+            return b""
+        if line.strip().upper() != b"DONE":
+            raise _bad("Expected DONE")
+        return tagged(cmd.tag, "OK", "IDLE terminated")
+
+    def _still_here(self) -> None:
+        # NAT boxes forget silent connections; Dovecot says this every 2 minutes too.
+        if self._idling:
+            self.link.write(b"* OK Still here\r\n")
+            self._keepalive = self.clock.callLater(IDLE_KEEPALIVE, self._still_here)
+
+    # -- selected ----------------------------------------------------------------------
+
+    def _need_view(self) -> View:
+        assert self.view is not None and self.folder is not None
+        return self.view
+
+    def _writable(self) -> View:
+        view = self._need_view()
+        if view.read_only:
+            raise _no("Mailbox is read-only", "READ-ONLY")
+        return view
+
+    def _select(self, arg: Arg, by_uid: bool) -> list[tuple[int, int]]:
+        if not isinstance(arg, (SequenceSet, Atom)) and not (hasattr(arg, "value") and isinstance(arg.value, int)):
+            raise _bad("Sequence set expected")
+        text = arg.text if hasattr(arg, "text") else str(arg.value)  # type: ignore[union-attr]
+        if text == "$":
+            raise _bad("SEARCHRES is not supported")
+        try:
+            return self._need_view().select(SequenceSet(text), by_uid)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+
+    async def do_CHECK(self, cmd: Command) -> bytes:
+        return tagged(cmd.tag, "OK", "CHECK completed")
+
+    async def do_CLOSE(self, cmd: Command) -> bytes:
+        view, folder = self._need_view(), self.folder
+        if not view.read_only:
+            uids = [u for u in view.uids if "T" in view.info[u].flags]
+            if uids:
+                removed = await self.store(folder.expunge, uids)  # type: ignore[union-attr]
+                self._log_expunge(removed)
+        self._deselect()
+        return tagged(cmd.tag, "OK", "CLOSE completed")
+
+    async def do_UNSELECT(self, cmd: Command) -> bytes:
+        self._deselect()
+        return tagged(cmd.tag, "OK", "UNSELECT completed")
+
+    def _log_expunge(self, removed: Sequence[int]) -> None:
+        if removed:
+            log.info("imap {user} expunged {count} messages from {folder}", user=self.user, count=len(removed),
+                     folder=self.folder_name, uids=list(removed)[:1000])
+
+    async def do_EXPUNGE(self, cmd: Command, uid_set: Arg | None = None) -> bytes:
+        view = self._writable()
+        await self._sync(expunge_ok=False)  # the freshest flags decide
+        wanted = None if uid_set is None else {u for _s, u in self._select(uid_set, True)}
+        uids = [u for u in view.uids if "T" in view.info[u].flags and (wanted is None or u in wanted)
+                and u not in view.pending]
+        removed = await self.store(self.folder.expunge, uids) if uids else []  # type: ignore[union-attr]
+        self._log_expunge(removed)
+        self.link.write(view.expunged(removed))
+        return tagged(cmd.tag, "OK", "EXPUNGE completed")
+
+    async def do_UID_EXPUNGE(self, cmd: Command) -> bytes:
+        if len(cmd.args) != 1:
+            raise _bad("Syntax: UID EXPUNGE uid-set")
+        return await self.do_EXPUNGE(cmd, cmd.args[0])
+
+    # FETCH -------------------------------------------------------------------------
+
+    async def do_FETCH(self, cmd: Command, by_uid: bool = False) -> bytes:
+        if len(cmd.args) < 2:
+            raise _bad("Syntax: FETCH sequence-set items")
+        view = self._need_view()
+        try:
+            plan = fetch.parse_items(cmd.args[1:])
+        except fetch.FetchError as e:
+            raise _bad(str(e)) from None
+        if by_uid:
+            plan = fetch.with_uid(plan)
+        pairs = self._select(cmd.args[0], by_uid)
+        seen = plan.sets_seen and not view.read_only
+        batch = FETCH_BATCH if (plan.needs_file or plan.needs_date or seen) else FLAGS_BATCH
+        gone = False
+        for i in range(0, len(pairs), batch):
+            chunk = pairs[i : i + batch]
+            data, updated, missing = await self.store(_fetch_batch, self.folder, view, chunk, plan, seen)
+            for info in updated:
+                view.update_info(info)
+            gone = gone or missing
+            self.link.write(data)
+            await self.link.drain()
+        if gone:
+            raise _no("Some of the requested messages no longer exist", "EXPUNGEISSUED")
+        return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+
+    async def do_UID_FETCH(self, cmd: Command) -> bytes:
+        return await self.do_FETCH(cmd, by_uid=True)
+
+    # STORE -------------------------------------------------------------------------
+
+    async def do_STORE(self, cmd: Command, by_uid: bool = False) -> bytes:
+        if len(cmd.args) < 3 or not isinstance(cmd.args[1], Atom):
+            raise _bad("Syntax: STORE sequence-set [+|-]FLAGS[.SILENT] (flags)")
+        view = self._writable()
+        item = cmd.args[1].text.upper()
+        silent = item.endswith(".SILENT")
+        op = item.removesuffix(".SILENT")
+        if op not in ("FLAGS", "+FLAGS", "-FLAGS"):
+            raise _bad("Syntax: STORE sequence-set [+|-]FLAGS[.SILENT] (flags)")
+        raw = cmd.args[2].items if len(cmd.args) == 3 and isinstance(cmd.args[2], ParenList) else cmd.args[2:]
+        names = [as_astring(a) for a in raw]
+        if any(not n or any(c in n for c in '(){ %*"\\]') and not n.startswith("\\") for n in names):
+            raise _bad("Invalid flag")
+        pairs = self._select(cmd.args[0], by_uid)
+        try:
+            updated, keywords = await self.store(_store_flags, self.folder, [u for _s, u in pairs], op, names)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        if keywords != view.keywords:
+            view.keywords = keywords
+            self.link.write(view.flags_response())
+        for info in updated:
+            view.update_info(info)
+        if not silent:
+            self.link.write(b"".join(view.fetch_flags(s, u, with_uid=by_uid) for s, u in pairs
+                                     if u in view.info))
+        return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+
+    async def do_UID_STORE(self, cmd: Command) -> bytes:
+        return await self.do_STORE(cmd, by_uid=True)
+
+    # COPY / MOVE -------------------------------------------------------------------
+
+    async def do_COPY(self, cmd: Command, by_uid: bool = False, move: bool = False) -> bytes:
+        if len(cmd.args) != 2:
+            raise _bad(f"Syntax: {cmd.name} sequence-set mailbox")
+        view = self._writable() if move else self._need_view()
+        pairs = self._select(cmd.args[0], by_uid)
+        name = self._name(cmd.args[1])
+        assert self.mailbox is not None
+        copied, validity, removed = await self.store(_copy, self.mailbox, self.folder,
+                                                     [u for _s, u in pairs if u not in view.pending], name, move)
+        code = None
+        if copied:
+            code = ["COPYUID", validity, _uid_set([s for s, _d in copied]), _uid_set([d for _s, d in copied])]
+        if move:
+            if code is not None:
+                self.link.write(untagged_status("OK", "Moved UIDs.", code))
+            self.link.write(view.expunged(removed))
+            self._log_expunge(removed)
+            return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+        return tagged(cmd.tag, "OK", f"{cmd.name} completed", code)
+
+    async def do_UID_COPY(self, cmd: Command) -> bytes:
+        return await self.do_COPY(cmd, by_uid=True)
+
+    async def do_MOVE(self, cmd: Command) -> bytes:
+        return await self.do_COPY(cmd, move=True)
+
+    async def do_UID_MOVE(self, cmd: Command) -> bytes:
+        return await self.do_COPY(cmd, by_uid=True, move=True)
+
+    # SEARCH ------------------------------------------------------------------------
+
+    async def do_SEARCH(self, cmd: Command, by_uid: bool = False) -> bytes:
+        view = self._need_view()
+        try:
+            query = search.parse_search(cmd.args)
+        except search.BadCharset:
+            raise _no("Unsupported charset", ["BADCHARSET", ["UTF-8", "US-ASCII"]]) from None
+        except search.SearchError as e:
+            raise _bad(str(e)) from None
+        hits = await self.store(_search, self.folder, view, query)
+        numbers = hits if by_uid else [view.seq_of(u) for u in hits]
+        self.link.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers if n is not None) + b"\r\n")
+        return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+
+    async def do_UID_SEARCH(self, cmd: Command) -> bytes:
+        return await self.do_SEARCH(cmd, by_uid=True)
+
+
+IDLE_KEEPALIVE = 120.0
+
+
+def _folders_and_subscriptions(mailbox: Mailbox) -> tuple[list[str], list[str]]:
+    return mailbox.list_folders(), mailbox.subscriptions()
+
+
+def _status_line(name: str, status: dict[str, int], items: Sequence[str]) -> bytes:
+    values = " ".join(f"{i} {status[i]}" for i in items)
+    return b"* STATUS %s (%s)\r\n" % (astring(wire_name(name)), values.encode())
+
+
+def _list_request(args: Sequence[Arg], lsub: bool) -> ListRequest:
+    """LIST [(selection)] reference (pattern | (patterns)) [RETURN (options)] (RFC 5258)."""
+    args = list(args)
+    selection: list[str] = []
+    extended = False
+    if not lsub and args and isinstance(args[0], ParenList):
+        selection = [(as_astring(a) or "").upper() for a in args.pop(0).items]
+        extended = True
+    if len(args) < 2:
+        raise _bad("Syntax: LIST reference pattern")
+    ref_text = as_astring(args[0])
+    if ref_text is None:
+        raise _bad("Syntax: LIST reference pattern")
+    pat_arg = args[1]
+    if isinstance(pat_arg, ParenList) and not lsub:
+        raw = [as_astring(p) for p in pat_arg.items]
+        extended = True
+    else:
+        raw = [as_astring(pat_arg)]
+    if any(p is None for p in raw):
+        raise _bad("Syntax: LIST reference pattern")
+    returns: list[Arg] = []
+    if len(args) > 2:
+        if lsub or len(args) != 4 or (as_astring(args[2]) or "").upper() != "RETURN" or not isinstance(args[3], ParenList):
+            raise _bad("Syntax: LIST reference pattern [RETURN (options)]")
+        returns = list(args[3].items)
+        extended = True
+    status: tuple[str, ...] = ()
+    ret_names: set[str] = set()
+    i = 0
+    while i < len(returns):
+        opt = (as_astring(returns[i]) or "").upper()
+        if opt == "STATUS" and i + 1 < len(returns) and isinstance(returns[i + 1], ParenList):
+            status = tuple((as_astring(s) or "").upper() for s in returns[i + 1].items)  # type: ignore[union-attr]
+            if any(s not in STATUS_ITEMS for s in status):
+                raise _bad("Unknown STATUS item")
+            i += 2
+            continue
+        ret_names.add(opt)
+        i += 1
+    for opt in selection:
+        if opt not in ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"):
+            raise _bad(f"Unknown LIST selection option {opt}")
+    if "RECURSIVEMATCH" in selection and len(selection) == 1:
+        raise _bad("RECURSIVEMATCH needs another selection option")
+    try:
+        reference = wire_to_name(ref_text) if ref_text else ""
+        patterns = tuple(wire_to_name(p) if p and p.upper() != "INBOX" else (p or "") for p in raw)  # type: ignore[misc]
+    except ValueError:
+        raise _no("Invalid mailbox name (modified UTF-7 expected)") from None
+    return ListRequest(
+        reference, patterns, subscribed_only=lsub or "SUBSCRIBED" in selection,
+        recursive="RECURSIVEMATCH" in selection, special_only="SPECIAL-USE" in selection,
+        extended=extended, return_subscribed="SUBSCRIBED" in ret_names,
+        return_children=True, return_special=True, status=status, lsub=lsub,
+    )
+
+
+# -- store work of the selected-state commands (read pool) -----------------------------
+
+
+def _fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan,
+                 seen: bool) -> tuple[bytes, list[Any], bool]:
+    out: list[bytes] = []
+    updated = []
+    missing = False
+    dates = folder.internaldates([u for _s, u in pairs]) if plan.needs_date else {}
+    keywords = view.keywords
+    info_of = view.info
+    recent = view.recent
+    for seq, uid in pairs:
+        info = info_of.get(uid)
+        if info is None:
+            continue
+        data = root = None
+        if plan.needs_file:
+            try:
+                data = _read(folder, uid)
+            except MessageGone:
+                missing = True
+                continue
+            root = mime.scan(data)
+        changed = False
+        if seen and "S" not in info.flags:
+            try:
+                info = folder.set_flags(uid, info.flags | {"S"})
+            except MessageGone:
+                missing = True
+                continue
+            updated.append(info)
+            changed = True
+        flags = imap_flags(info.flags, keywords, uid in recent)
+        size = fetch.crlf_size(data) if data is not None else (info.vsize or info.size)
+        out.append(fetch.render(seq, plan, uid=uid, flags=flags, size=size, internaldate=dates.get(uid),
+                                data=data, root=root, flags_changed=changed))
+    return b"".join(out), updated, missing
+
+
+def _store_flags(folder: Folder, uids: list[int], op: str, names: list[str]) -> tuple[list[Any], dict[str, str]]:
+    kw = folder.keywords
+    letters = letters_for(names, lambda k: kw.letter(k, create=True) or "")
+    known = set("DFRST") | set(kw.mapping())
+    updated = []
+    for uid in uids:
+        info = folder.get(uid)
+        if info is None:
+            continue
+        if op == "FLAGS":
+            new = letters | {c for c in info.flags if c not in known}  # "P" and unnamed letters stay
+        elif op == "+FLAGS":
+            new = set(info.flags) | letters
+        else:
+            new = set(info.flags) - letters
+        if new == set(info.flags):
+            continue
+        try:
+            updated.append(folder.set_flags(uid, new))
+        except MessageGone:
+            continue
+    return updated, kw.mapping()
+
+
+def _copy(mailbox: Mailbox, folder: Folder, uids: list[int], name: str,
+          move: bool) -> tuple[list[tuple[int, int]], int, list[int]]:
+    if not mailbox.exists(name):
+        raise _no("Mailbox does not exist", "TRYCREATE")
+    dest = mailbox.folder(name)
+    pairs = folder.copy_into(uids, dest) if uids else []
+    removed = folder.expunge([s for s, _d in pairs]) if move and pairs else []
+    return pairs, dest.assigned_uidvalidity if pairs else dest.uidvalidity, removed
+
+
+def _search(folder: Folder, view: View, query: search.Query) -> list[int]:
+    need = query.need
+    hits: list[int] = []
+    max_seq = len(view.uids)
+    max_uid = view.uids[-1] if view.uids else 0
+    dates = folder.internaldates(list(view.uids)) if need >= search.Need.DATE else {}
+    for seq, uid in enumerate(view.uids, 1):
+        info = view.info[uid]
+        c = _Candidate(seq, uid, frozenset(imap_flags(info.flags, view.keywords, uid in view.recent)), info.size,
+                       dates.get(uid))
+        if need >= search.Need.HEADER:
+            try:
+                c.data = _read(folder, uid)
+            except MessageGone:
+                continue
+            c.root = mime.scan(c.data)
+        if search.matches(query, c, max_seq=max_seq, max_uid=max_uid):
+            hits.append(uid)
+    return hits
+
