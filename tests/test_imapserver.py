@@ -144,6 +144,7 @@ class RawIMAP:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT)
         self.buf = b""
+        self.eof = False
         self.greeting = self.line()
 
     def send(self, data: bytes) -> None:
@@ -154,6 +155,7 @@ class RawIMAP:
             chunk = self.sock.recv(65536)
             if not chunk:
                 rest, self.buf = self.buf, b""
+                self.eof = True
                 return rest
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\r\n")
@@ -164,7 +166,7 @@ class RawIMAP:
         while True:
             line = self.line()
             out.append(line)
-            if line.startswith(tag + b" ") or not line:
+            if line.startswith(tag + b" ") or (self.eof and not self.buf):
                 return out
 
     def command(self, data: bytes) -> list[bytes]:
@@ -380,6 +382,111 @@ class MailboxTests(IMAPCase):
         after = await self.thread(uids)
         self.assertEqual(before, after)
         self.assertEqual(before[1], [b"1 2"])
+
+
+class CacheAndRecentTests(IMAPCase):
+    async def test_envelope_and_bodystructure_come_from_the_cache_under_data_dir(self) -> None:
+        await self.start()
+        await self.deliver(message("cached subject"))
+        path = next((maildir(self.config, "alice") / "new").iterdir())
+
+        def fetch_envelope() -> bytes:
+            c = self.imap()
+            ok(c.select("INBOX"))
+            data = ok(c.fetch("1", "(ENVELOPE BODYSTRUCTURE)"))
+            c.logout()
+            return data[0] if isinstance(data[0], bytes) else data[0][0]
+
+        first = await self.thread(fetch_envelope)
+        self.assertIn(b"cached subject", first)
+        cache = self.config.data_dir / "cache" / "example.test" / "alice" / "INBOX.imapcache"
+        self.assertTrue(cache.exists())
+        self.assertFalse(any("cache" in p.name for p in maildir(self.config, "alice").rglob("*")))
+        # Rewrite the stored bytes in place: a warm FETCH answers from the cache, not the file.
+        now = next((maildir(self.config, "alice") / "cur").iterdir())
+        now.write_bytes(now.read_bytes().replace(b"cached subject", b"edited subject"))
+        self.assertEqual(await self.thread(fetch_envelope), first)
+        cache.unlink()  # lost: rebuilt from the file
+        self.assertIn(b"edited subject", await self.thread(fetch_envelope))
+        _ = path
+
+    async def test_recent_belongs_to_the_first_session(self) -> None:
+        await self.start()
+        await self.deliver(message("new one"))
+
+        def run() -> None:
+            a = self.imap()
+            ok(a.select("INBOX"))
+            self.assertEqual(a.untagged_responses.get("RECENT"), [b"1"])
+            self.assertEqual(ok(a.search(None, "RECENT")), [b"1"])
+            b = self.imap()
+            ok(b.select("INBOX"))
+            self.assertEqual(b.untagged_responses.get("RECENT"), [b"0"])
+            self.assertEqual(ok(b.search(None, "NEW")), [b""])
+            e = self.imap()
+            ok(e.select("INBOX", readonly=True))
+            typ, data = e.store("1", "+FLAGS", "(\\Seen)")
+            self.assertEqual(typ, "NO")
+            for c in (a, b, e):
+                c.logout()
+
+        await self.thread(run)
+
+    async def test_inbox_rename_moves_the_messages(self) -> None:
+        await self.start()
+        await self.deliver(message("old 1"), message("old 2"))
+
+        def run() -> None:
+            c = self.imap()
+            ok(c.rename("INBOX", "Old-Inbox"))
+            ok(c.select("INBOX"))
+            self.assertEqual(c.untagged_responses["EXISTS"][-1], b"0")
+            ok(c.select("Old-Inbox"))
+            self.assertEqual(c.untagged_responses["EXISTS"][-1], b"2")
+            c.logout()
+
+        await self.thread(run)
+
+    async def test_literal_plus_append_and_pipelined_commands(self) -> None:
+        await self.start()
+
+        def run() -> None:
+            r = self.raw()
+            body = message("literal plus")
+            r.send(f"a LOGIN {ALICE} {ALICE_PW}\r\n".encode()
+                   + b"b APPEND Drafts (\\Draft) {%d+}\r\n" % len(body) + body + b"\r\n"
+                   + b"c SELECT Drafts\r\nd FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+            lines = r.until_tagged(b"d")
+            text = b"\n".join(lines)
+            self.assertIn(b"a OK", text)
+            self.assertRegex(text, rb"b OK \[APPENDUID \d+ 1\]")
+            self.assertIn(b"c OK [READ-WRITE]", text)
+            self.assertIn(b"\\Draft", text)
+            self.assertIn(b"Subject: literal plus", text)
+            self.assertTrue(lines[-1].startswith(b"d OK"))
+
+        await self.thread(run)
+
+    async def test_search_keys_over_the_wire(self) -> None:
+        await self.start()
+        await self.deliver(message("alpha report", "the quick brown fox\r\n"),
+                           message("=?utf-8?q?caf=C3=A9?=", "nothing here\r\n"))
+
+        def run() -> None:
+            c = self.imap()
+            ok(c.select("INBOX"))
+            self.assertEqual(ok(c.search(None, "TEXT", "brown")), [b"1"])
+            self.assertEqual(ok(c.search(None, "SUBJECT", "alpha")), [b"1"])
+            self.assertEqual(ok(c.search("UTF-8", "SUBJECT", '"caf\xc3\xa9"'.encode("latin-1").decode("utf-8")
+                                         .encode("utf-8"))), [b"2"])
+            self.assertEqual(ok(c.search(None, "UNSEEN")), [b"1 2"])
+            self.assertEqual(ok(c.uid("SEARCH", None, "OR", "BODY", "fox", "SUBJECT", "nothing")), [b"1"])
+            typ, data = c.search("KOI8-R", "ALL")
+            self.assertEqual(typ, "NO")
+            self.assertIn(b"BADCHARSET", data[0])
+            c.logout()
+
+        await self.thread(run)
 
 
 class IdleTests(IMAPCase):

@@ -98,6 +98,8 @@ class FetchPlan:
     needs_date: bool  # INTERNALDATE is asked
     sets_seen: bool  # BODY[...] without .PEEK, RFC822 or RFC822.TEXT (RFC 3501 §6.4.5)
     uid: bool  # UID is among the items
+    structures: tuple[str, ...] = ()  # ENVELOPE, BODY, BODYSTRUCTURE asked: cacheable answers
+    sections: bool = False  # some item needs the octets themselves (BODY[...], RFC822...)
     steps: tuple[tuple[int, bytes, Section | None], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -163,7 +165,19 @@ def _plan(items: tuple[Item, ...]) -> FetchPlan:
         needs_date="INTERNALDATE" in items,
         sets_seen=any(isinstance(s, Section) and s.name == "BODY" for s in sections),
         uid="UID" in items,
+        structures=tuple(i for i in items if isinstance(i, str) and i in _STRUCTURES),
+        sections=any(isinstance(s, Section) for s in sections),
     )
+
+
+_STRUCTURES = ("ENVELOPE", "BODY", "BODYSTRUCTURE")
+
+
+def structure(data: bytes, root: mime.Part, item: str) -> bytes:
+    """The answer to ENVELOPE, BODY or BODYSTRUCTURE, without its name (what caches keep)."""
+    if item == "ENVELOPE":
+        return envelope(data, root)
+    return bodystructure(data, root, item == "BODYSTRUCTURE")
 
 
 def with_uid(plan: FetchPlan) -> FetchPlan:
@@ -765,7 +779,8 @@ def _flags(flags: Sequence[str]) -> bytes:
 
 def render(seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: int,
            internaldate: float | None, data: bytes | None, root: mime.Part | None,
-           tz_offset_minutes: int | None = None, flags_changed: bool = False) -> bytes:
+           tz_offset_minutes: int | None = None, flags_changed: bool = False,
+           cached: dict[str, bytes] | None = None) -> bytes:
     """One whole `* seq FETCH (...)` CRLF response for one message.
 
     `flags` are IMAP names, already including a \\Seen this FETCH sets; with `flags_changed`
@@ -774,11 +789,16 @@ def render(seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: i
     `root` (its `mime.scan`, made here when None) are needed when `plan.needs_file`, and
     `internaldate` (seconds since the epoch) when `plan.needs_date` (ValueError otherwise).
     INTERNALDATE is in the server's local time unless `tz_offset_minutes` is given.
+    `cached` holds answers to ENVELOPE / BODY / BODYSTRUCTURE (from `structure`); when it
+    has every one the plan asks and no section is asked, `data` is not needed.
     """
     parts: list[bytes] = []
     if flags_changed and "FLAGS" not in plan.items:
         parts.append(_flags(flags))
-    if plan.needs_file:
+    if cached is not None and not plan.sections and all(i in cached for i in plan.structures):
+        pass  # everything that needs the octets is answered from the cache
+    elif plan.needs_file:
+        cached = None
         if data is None:
             raise ValueError("this FETCH needs the message octets")
         if root is None:
@@ -795,9 +815,10 @@ def render(seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: i
         elif code == _DATE:
             parts.append(b"INTERNALDATE " + _internaldate(internaldate, tz_offset_minutes))  # type: ignore[arg-type]
         elif code == _ENVELOPE:
-            parts.append(name + envelope(data, root))  # type: ignore[arg-type]
+            parts.append(name + (cached["ENVELOPE"] if cached else envelope(data, root)))  # type: ignore[arg-type]
         elif code == _BODY or code == _STRUCTURE:
-            parts.append(name + bodystructure(data, root, code == _STRUCTURE))  # type: ignore[arg-type]
+            item = "BODYSTRUCTURE" if code == _STRUCTURE else "BODY"
+            parts.append(name + (cached[item] if cached else bodystructure(data, root, code == _STRUCTURE)))  # type: ignore[arg-type]
         else:
             assert section is not None
             octets = section_bytes(data, root, section) or b""  # type: ignore[arg-type]

@@ -46,6 +46,7 @@ from mx.imap.respond import astring, continuation, tagged, untagged, untagged_st
 from mx.imap.selected import View, imap_flags, letters_for
 from mx.maildir import MaildirError, mailbox_path
 from mx.store import Folder, Mailbox, MessageGone, StoreError
+from mx.store.cache import StructureCache, cache_file
 from mx.store.mailbox import SPECIAL_USE, folder_dir_name
 
 __all__ = ["State", "Session", "Link", "ALLOWED", "capabilities"]
@@ -235,6 +236,7 @@ class Session:
         self.folder: Folder | None = None
         self.folder_name: str | None = None
         self.view: View | None = None
+        self.cache: StructureCache | None = None  # the selected folder's ENVELOPE/BODYSTRUCTURE answers
         self.sasl = SASLExchange()
         self.commands = 0
         self._lock = DeferredLock()
@@ -449,7 +451,7 @@ class Session:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        self.folder = self.view = self.folder_name = None
+        self.folder = self.view = self.folder_name = self.cache = None
         if self.state is State.SELECTED:
             self.state = State.AUTHENTICATED
 
@@ -471,6 +473,8 @@ class Session:
         out.append(untagged_status("OK", "Predicted next UID", ["UIDNEXT", view.next_uid]))
         self.link.write(b"".join(out))
         self.folder, self.view, self.folder_name, self.state = folder, view, name, State.SELECTED
+        mail_root = self.config.data_dir / "mail"
+        self.cache = StructureCache(cache_file(self.config.data_dir, mail_root, folder.path), folder.uidvalidity)
         self._watch = self.link.watch(folder.path, self._folder_changed)
         return tagged(cmd.tag, "OK", f"{'EXAMINE' if read_only else 'SELECT'} completed",
                       "READ-ONLY" if read_only else "READ-WRITE")
@@ -757,7 +761,7 @@ class Session:
         gone = False
         for i in range(0, len(pairs), batch):
             chunk = pairs[i : i + batch]
-            data, updated, missing = await self.store(_fetch_batch, self.folder, view, chunk, plan, seen)
+            data, updated, missing = await self.store(_fetch_batch, self.folder, view, chunk, plan, seen, self.cache)
             for info in updated:
                 view.update_info(info)
             gone = gone or missing
@@ -927,7 +931,7 @@ def _list_request(args: Sequence[Arg], lsub: bool) -> ListRequest:
 
 
 def _fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan,
-                 seen: bool) -> tuple[bytes, list[Any], bool]:
+                 seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
     out: list[bytes] = []
     updated = []
     missing = False
@@ -935,18 +939,29 @@ def _fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan:
     keywords = view.keywords
     info_of = view.info
     recent = view.recent
+    wanted = plan.structures
+    if cache is not None and wanted:
+        cache.load(view.uids)
+    else:
+        cache = None
     for seq, uid in pairs:
         info = info_of.get(uid)
         if info is None:
             continue
         data = root = None
-        if plan.needs_file:
+        cached = cache.get(uid) if cache is not None else None
+        if plan.needs_file and (plan.sections or cached is None or any(i not in cached for i in wanted)):
             try:
                 data = _read(folder, uid)
             except MessageGone:
                 missing = True
                 continue
             root = mime.scan(data)
+            if cache is not None:
+                for item in wanted:
+                    if cached is None or item not in cached:
+                        cache.put(uid, item, fetch.structure(data, root, item))
+                cached = cache.get(uid)
         changed = False
         if seen and "S" not in info.flags:
             try:
@@ -957,9 +972,11 @@ def _fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan:
             updated.append(info)
             changed = True
         flags = imap_flags(info.flags, keywords, uid in recent)
-        size = fetch.crlf_size(data) if data is not None else (info.vsize or info.size)
-        out.append(fetch.render(seq, plan, uid=uid, flags=flags, size=size, internaldate=dates.get(uid),
-                                data=data, root=root, flags_changed=changed))
+        out.append(fetch.render(seq, plan, uid=uid, flags=flags, size=info.vsize or info.size,
+                                internaldate=dates.get(uid), data=data, root=root, flags_changed=changed,
+                                cached=cached))
+    if cache is not None:
+        cache.flush()
     return b"".join(out), updated, missing
 
 
