@@ -529,6 +529,8 @@ class BadInputTests(IMAPCase):
 
         def run() -> None:
             r = self.raw()
+            # Before login a literal is a name or a password: 100 KB of one is refused unread.
+            self.assertTrue(r.command(b"z LOGIN {100000}\r\n")[-1].startswith(b"z NO [TOOBIG]"))
             r.command(f"a LOGIN {ALICE} {ALICE_PW}\r\n".encode())
             self.assertTrue(r.command(b"b APPEND INBOX {1000000000}\r\n")[-1].startswith(b"b NO [TOOBIG]"))
             self.assertTrue(r.command(b"c NOOP " + b"(" * 10000 + b"\r\n")[-1].startswith(b"c BAD"))

@@ -11,7 +11,8 @@ Invariants:
 - STARTTLS forgets everything the client sent after the command (RFC 3501 §6.2.1,
   CVE-2011-0411 in kind): the reader's buffer is discarded before TLS starts.
 - A synchronising literal gets its `+` only after the command so far parsed, and one
-  larger than `limits.max_message_size` is refused before any of it is read.
+  larger than `limits.max_message_size` (64 KiB before login) is refused before any of it
+  is read.
 - Large responses (FETCH) wait for the socket (`drain`): the transport pauses this
   protocol's producer above its buffer size, so it holds at most one batch more.
 - The idle timer is `limits.imap_idle_timeout` (30 minutes, RFC 3501 §5.4); any input
@@ -39,7 +40,7 @@ from zope.interface import implementer
 from mx.auth import Authenticator
 from mx.config import Config
 from mx.imap.parse import (
-    NEED_DATA, BadCommand, Command, CommandReader, LiteralTooLarge, NeedContinuation, RawLine,
+    MAX_LITERAL, NEED_DATA, BadCommand, Command, CommandReader, LiteralTooLarge, NeedContinuation, RawLine,
 )
 from mx.imap.respond import continuation, tagged, untagged_status
 from mx.imap.session import Session, State
@@ -209,7 +210,9 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
             return
         self._counted = True
         limits = f.config.limits
-        self.reader = CommandReader(max_literal=limits.max_message_size)
+        # Before login a literal carries a name or a password: the default small bound. Only a
+        # logged-in user may send APPEND literals up to the message size limit.
+        self.reader = CommandReader(max_literal=MAX_LITERAL)
         self.session = Session(self, config=f.config, authenticator=f.authenticator, clock=f.clock,
                                brake=f.authenticator.brake(self.client))
         self.transport.registerProducer(self._drain, True)
@@ -308,6 +311,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._busy = False
         self.write(response)
         s = self.session
+        if s is not None and self.reader is not None and s.state in (State.AUTHENTICATED, State.SELECTED):
+            self.reader.max_literal = self.factory.config.limits.max_message_size
         if s is not None and s.state is State.LOGOUT:
             self.close()
             return
