@@ -7,10 +7,15 @@ per message part). The package, per DESIGN.md's `imap/` row:
 - `parse`: the sans-IO command reader: RFC 3501 §9 grammar, literals (RFC 7888 LITERAL+ and
   LITERAL-), and the bounds on line length, arguments, nesting and literal size.
 - `respond`: responses serialised in bulk (atom / quoted / literal chosen per string).
-- `fetch`, `search`: FETCH data items and SEARCH keys over the store and `mx.mime` (to come).
-- `session`: states, the one table of commands per state, the selected-folder view (to come).
-- `server`: the thin Twisted protocol: TLS, IDLE wired to change events (to come).
+- `fetch`: FETCH items: ENVELOPE, BODY/BODYSTRUCTURE, sections and partials, from `mx.mime`.
+- `search`: SEARCH keys compiled once, matched per message (decoded words, encodings).
+- `selected`: the selected folder's numbering, flags and \\Recent; what changed, as responses.
+- `listing`: LIST / LSUB patterns and attributes (CHILDREN, SPECIAL-USE, LIST-EXTENDED).
+- `tasks`: the store work of each command, run in the read pool.
+- `session`: states, the one table of commands per state, every command.
+- `server`: the thin Twisted protocol: TLS, raw lines (AUTHENTICATE, IDLE), back-pressure.
 
-Layer rule (tests/test_layers.py): `parse` and `respond` are pure (no Twisted, no I/O).
+Layer rule (tests/test_layers.py): everything but `session` and `server` is free of Twisted;
+`parse`, `respond`, `fetch`, `search`, `selected` and `listing` do no I/O either.
 Modified UTF-7 mailbox names live in `mx.store.utf7`, not here.
 """

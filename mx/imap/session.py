@@ -27,7 +27,6 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,16 +35,17 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mx import mime
 from mx.auth import Authenticator, Challenge, ConnectionBrake, Rejected, SASLExchange, SASLProblem, plaintext_allowed
 from mx.config import Config
 from mx.imap import fetch, search
 from mx.imap.listing import ListRequest, list_entries, wire_name, wire_to_name
 from mx.imap.parse import Arg, Atom, Command, Literal, Nil, ParenList, Quoted, SequenceSet, as_astring
 from mx.imap.respond import astring, continuation, tagged, untagged, untagged_status
-from mx.imap.selected import View, imap_flags, letters_for
+from mx.imap import tasks
+from mx.imap.selected import View
+from mx.imap.tasks import Failed, bad, no
 from mx.maildir import MaildirError, mailbox_path
-from mx.store import Folder, Mailbox, MessageGone, StoreError
+from mx.store import Folder, Mailbox, StoreError
 from mx.store.cache import StructureCache, cache_file
 from mx.store.mailbox import SPECIAL_USE, folder_dir_name
 
@@ -117,22 +117,6 @@ class Link(Protocol):
     def watch(self, folder: Path, callback: Callable[[], None]) -> Any: ...
 
 
-class Failed(Exception):
-    """A command's tagged NO or BAD."""
-
-    def __init__(self, status: str, text: str, code: Any = None) -> None:
-        super().__init__(text)
-        self.status, self.text, self.code = status, text, code
-
-
-def _bad(text: str) -> Failed:
-    return Failed("BAD", text)
-
-
-def _no(text: str, code: Any = None) -> Failed:
-    return Failed("NO", text, code)
-
-
 def _uid_set(uids: Sequence[int]) -> str:
     """`1:3,7,9:10` for UIDPLUS response codes (in the order given, runs compressed)."""
     out: list[str] = []
@@ -158,66 +142,6 @@ def parse_date_time(text: str) -> float:
     t = calendar.timegm((int(year), month, int(day), int(hh), int(mm), int(ss)))
     offset = (int(zh) * 60 + int(zm)) * 60
     return t - offset if sign == "+" else t + offset
-
-
-@dataclass(slots=True)
-class _Candidate:
-    """A message as `mx.imap.search.matches` reads it."""
-
-    seq: int
-    uid: int
-    flags: frozenset[str]
-    size: int
-    internaldate: float | None = None
-    data: bytes | None = None
-    root: mime.Part | None = None
-
-
-# -- store work, run in the read pool --------------------------------------------------
-
-
-def _open_folder(mailbox: Mailbox, name: str, read_only: bool) -> tuple[Folder, set[int], dict[str, str]]:
-    folder = mailbox.folder(name, take_new=not read_only)
-    if read_only:
-        recent = {i.uid for i in folder.messages() if i.subdir == "new"}
-    else:
-        recent = folder.take_recent()
-    return folder, recent, folder.keywords.mapping()
-
-
-def _refresh(folder: Folder) -> tuple[Any, set[int], dict[str, str]]:
-    changes = folder.refresh()
-    recent = folder.take_recent() if folder.take_new else set()
-    return changes, recent, folder.keywords.mapping() if changes else {}
-
-
-def _status(mailbox: Mailbox, name: str) -> dict[str, int]:
-    folder = mailbox.folder(name)
-    infos = folder.messages()
-    return {
-        "MESSAGES": len(infos),
-        "RECENT": sum(1 for i in infos if i.subdir == "new"),
-        "UIDNEXT": folder.next_uid,
-        "UIDVALIDITY": folder.uidvalidity,
-        "UNSEEN": sum(1 for i in infos if "S" not in i.flags),
-    }
-
-
-def _read(folder: Folder, uid: int) -> bytes:
-    with folder.open_message(uid) as fh:
-        return fh.read()
-
-
-def _append(mailbox: Mailbox, name: str, data: bytes, flags: list[str], date: float | None) -> tuple[int, int]:
-    if not mailbox.exists(name):
-        raise _no("Mailbox does not exist", "TRYCREATE")
-    folder = mailbox.folder(name)
-    letters = letters_for(flags, lambda k: folder.keywords.letter(k, create=True))
-    info = folder.append(data, sorted(letters), date)
-    return folder.assigned_uidvalidity, info.uid
-
-
-# -- the session -------------------------------------------------------------------------
 
 
 class Session:
@@ -285,7 +209,7 @@ class Session:
         folder, view = self.folder, self.view
         if folder is None or view is None:
             return b""
-        changes, recent, keywords = await self.store(_refresh, folder)
+        changes, recent, keywords = await self.store(tasks.refresh, folder)
         if self.view is not view:
             return b""
         if not changes:
@@ -325,13 +249,13 @@ class Session:
     async def do_ID(self, cmd: Command) -> bytes:
         # RFC 2971: the client's list is only logged; ours names the software.
         if len(cmd.args) != 1 or not isinstance(cmd.args[0], (ParenList, Nil)):
-            raise _bad("Syntax: ID (field value ...) or ID NIL")
+            raise bad("Syntax: ID (field value ...) or ID NIL")
         self.link.write(b'* ID ("name" "mx" "vendor" "mx")\r\n')
         return tagged(cmd.tag, "OK", "ID completed")
 
     async def do_ENABLE(self, cmd: Command) -> bytes:
         if not cmd.args:
-            raise _bad("Syntax: ENABLE capability ...")
+            raise bad("Syntax: ENABLE capability ...")
         self.link.write(b"* ENABLED\r\n")  # no extension that needs enabling is offered
         return tagged(cmd.tag, "OK", "ENABLE completed")
 
@@ -339,9 +263,9 @@ class Session:
 
     async def do_STARTTLS(self, cmd: Command) -> bytes:
         if cmd.args:
-            raise _bad("STARTTLS takes no arguments")
+            raise bad("STARTTLS takes no arguments")
         if not self.link.tls_available or self.link.tls_active:
-            raise _bad("TLS is not available" if not self.link.tls_available else "TLS is already active")
+            raise bad("TLS is not available" if not self.link.tls_available else "TLS is already active")
         self.link.write(tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
         self.link.start_tls()  # discards what the client pipelined behind STARTTLS
         self.sasl.cancel()
@@ -350,12 +274,12 @@ class Session:
     def _may_try(self, username: str) -> None:
         if not self.plaintext_ok:
             self._failed_log(username, "plaintext before TLS")
-            raise _no("Plaintext authentication is not allowed without TLS", "PRIVACYREQUIRED")
+            raise no("Plaintext authentication is not allowed without TLS", "PRIVACYREQUIRED")
         if self.brake.blocked():
             self._failed_log(username, "too many failures from this address")
             self.link.write(untagged_status("BYE", "Too many authentication failures, try later"))
             self.link.close()
-            raise _no("Too many authentication failures", "UNAVAILABLE")
+            raise no("Too many authentication failures", "UNAVAILABLE")
 
     def _failed_log(self, username: str, reason: str) -> None:
         log.info("imap login failed for {username} from {peer}: {reason}", username=username[:100],
@@ -363,16 +287,16 @@ class Session:
 
     async def do_LOGIN(self, cmd: Command) -> bytes:
         if len(cmd.args) != 2:
-            raise _bad("Syntax: LOGIN user password")
+            raise bad("Syntax: LOGIN user password")
         user, password = as_astring(cmd.args[0]), as_astring(cmd.args[1])
         if user is None or password is None:
-            raise _bad("Syntax: LOGIN user password")
+            raise bad("Syntax: LOGIN user password")
         self._may_try(user)
         return await self._login(cmd.tag, user, password)
 
     async def do_AUTHENTICATE(self, cmd: Command) -> bytes:
         if not cmd.args or len(cmd.args) > 2 or not isinstance(cmd.args[0], Atom):
-            raise _bad("Syntax: AUTHENTICATE mechanism [initial-response]")
+            raise bad("Syntax: AUTHENTICATE mechanism [initial-response]")
         self._may_try("(SASL)")
         initial = as_astring(cmd.args[1]) if len(cmd.args) == 2 else None
         outcome = self.sasl.start(cmd.args[0].text, initial)
@@ -386,14 +310,14 @@ class Session:
                 text = line.decode("ascii")
             except UnicodeDecodeError:
                 self.sasl.cancel()
-                raise _bad("Invalid SASL response") from None
+                raise bad("Invalid SASL response") from None
             outcome = self.sasl.step(text)
         if isinstance(outcome, Rejected):
             if outcome.problem is SASLProblem.CANCELLED:
-                raise _bad("Authentication canceled")
+                raise bad("Authentication canceled")
             if outcome.problem is SASLProblem.UNKNOWN_MECHANISM:
-                raise _no("Unsupported authentication mechanism")
-            raise _bad(outcome.text)
+                raise no("Unsupported authentication mechanism")
+            raise bad(outcome.text)
         return await self._login(cmd.tag, outcome.username, outcome.password)
 
     async def _login(self, tag: str, username: str, password: str) -> bytes:
@@ -412,13 +336,13 @@ class Session:
                 d: Deferred[None] = Deferred()
                 self.clock.callLater(verdict.delay, d.callback, None)
                 await d
-            raise _no("Authentication failed", "AUTHENTICATIONFAILED")
+            raise no("Authentication failed", "AUTHENTICATIONFAILED")
         local, _, domain = user.rpartition("@")
         try:
             root = mailbox_path(self.config.data_dir / "mail", domain, local)
         except MaildirError:
             self._failed_log(user, "no valid mailbox path")
-            raise _no("No mailbox for this user", "UNAVAILABLE") from None
+            raise no("No mailbox for this user", "UNAVAILABLE") from None
         mailbox = Mailbox(root, log=lambda line: log.warn("{user}: {line}", user=user, line=line))
         try:
             created = await self.store(mailbox.ensure_special_folders)
@@ -435,16 +359,16 @@ class Session:
     def _name(self, arg: Arg) -> str:
         text = as_astring(arg)
         if text is None:
-            raise _bad("Mailbox name expected")
+            raise bad("Mailbox name expected")
         try:
             name = wire_to_name(text)
         except ValueError:
-            raise _no("Invalid mailbox name (modified UTF-7 expected)") from None
+            raise no("Invalid mailbox name (modified UTF-7 expected)") from None
         if name != "INBOX":
             try:
                 folder_dir_name(name.rstrip("."))  # "..", "/", control characters: refused here
             except StoreError:
-                raise _no("Invalid mailbox name") from None
+                raise no("Invalid mailbox name") from None
         return name
 
     def _deselect(self) -> None:
@@ -457,13 +381,13 @@ class Session:
 
     async def do_SELECT(self, cmd: Command, read_only: bool = False) -> bytes:
         if len(cmd.args) != 1:
-            raise _bad(f"Syntax: {cmd.name} mailbox")
+            raise bad(f"Syntax: {cmd.name} mailbox")
         name = self._name(cmd.args[0])
         self._deselect()
         assert self.mailbox is not None
         if not await self.store(self.mailbox.exists, name):
-            raise _no("Mailbox does not exist", "NONEXISTENT")
-        folder, recent, keywords = await self.store(_open_folder, self.mailbox, name, read_only)
+            raise no("Mailbox does not exist", "NONEXISTENT")
+        folder, recent, keywords = await self.store(tasks.open_folder, self.mailbox, name, read_only)
         view = View.open(folder.messages(), recent, keywords, folder.uidvalidity, folder.next_uid, read_only)
         out = [view.flags_response(), untagged(len(view), "EXISTS"), untagged(len(view.recent), "RECENT")]
         unseen = view.first_unseen()
@@ -484,38 +408,38 @@ class Session:
 
     async def do_CREATE(self, cmd: Command) -> bytes:
         if len(cmd.args) not in (1, 2):
-            raise _bad("Syntax: CREATE mailbox [(USE (...))]")
+            raise bad("Syntax: CREATE mailbox [(USE (...))]")
         name = self._name(cmd.args[0]).rstrip(".")
         if len(cmd.args) == 2:
             # RFC 6154 §3: CREATE-SPECIAL-USE; uses are tied to the standard names here.
             opts = cmd.args[1]
             if not isinstance(opts, ParenList) or len(opts.items) != 2 or as_astring(opts.items[0]) is None \
                     or as_astring(opts.items[0]).upper() != "USE" or not isinstance(opts.items[1], ParenList):
-                raise _bad("Syntax: CREATE mailbox (USE (\\Sent ...))")
+                raise bad("Syntax: CREATE mailbox (USE (\\Sent ...))")
             for use in opts.items[1].items:
                 flag = as_astring(use) or ""
                 if SPECIAL_USE.get(name, "").lower() != flag.lower():
-                    raise _no(f"{flag} is only for the folder named "
+                    raise no(f"{flag} is only for the folder named "
                               + next((n for n, u in SPECIAL_USE.items() if u.lower() == flag.lower()), "(none)"),
                               "USEATTR")
         if name.upper() == "INBOX":
-            raise _no("INBOX always exists", "ALREADYEXISTS")
+            raise no("INBOX always exists", "ALREADYEXISTS")
         assert self.mailbox is not None
         if await self.store(self.mailbox.exists, name):
-            raise _no("Mailbox already exists", "ALREADYEXISTS")
+            raise no("Mailbox already exists", "ALREADYEXISTS")
         await self.store(self.mailbox.create, name)
         log.info("imap {user} created {folder}", user=self.user, folder=name)
         return tagged(cmd.tag, "OK", "CREATE completed")
 
     async def do_DELETE(self, cmd: Command) -> bytes:
         if len(cmd.args) != 1:
-            raise _bad("Syntax: DELETE mailbox")
+            raise bad("Syntax: DELETE mailbox")
         name = self._name(cmd.args[0])
         if name == "INBOX":
-            raise _no("INBOX cannot be deleted")
+            raise no("INBOX cannot be deleted")
         assert self.mailbox is not None
         if not await self.store(self.mailbox.exists, name):
-            raise _no("Mailbox does not exist", "NONEXISTENT")
+            raise no("Mailbox does not exist", "NONEXISTENT")
         if self.folder_name == name:
             self._deselect()
         await self.store(self.mailbox.delete, name)
@@ -524,13 +448,13 @@ class Session:
 
     async def do_RENAME(self, cmd: Command) -> bytes:
         if len(cmd.args) != 2:
-            raise _bad("Syntax: RENAME old new")
+            raise bad("Syntax: RENAME old new")
         old, new = self._name(cmd.args[0]), self._name(cmd.args[1]).rstrip(".")
         assert self.mailbox is not None
         if not await self.store(self.mailbox.exists, old):
-            raise _no("Mailbox does not exist", "NONEXISTENT")
+            raise no("Mailbox does not exist", "NONEXISTENT")
         if new == "INBOX" or await self.store(self.mailbox.exists, new):
-            raise _no("Target mailbox already exists", "ALREADYEXISTS")
+            raise no("Target mailbox already exists", "ALREADYEXISTS")
         if self.folder_name is not None and (self.folder_name == old or self.folder_name.startswith(old + ".")):
             if old != "INBOX":
                 self._deselect()
@@ -540,7 +464,7 @@ class Session:
 
     async def do_SUBSCRIBE(self, cmd: Command, on: bool = True) -> bytes:
         if len(cmd.args) != 1:
-            raise _bad(f"Syntax: {cmd.name} mailbox")
+            raise bad(f"Syntax: {cmd.name} mailbox")
         name = self._name(cmd.args[0])
         assert self.mailbox is not None
         await self.store(self.mailbox.subscribe if on else self.mailbox.unsubscribe, name)
@@ -560,7 +484,7 @@ class Session:
             # RFC 3501 §6.3.8: an empty pattern asks for the separator and the root.
             self.link.write(b'* %s (\\Noselect) "." ""\r\n' % (b"LSUB" if lsub else b"LIST"))
             return tagged(cmd.tag, "OK", f"{cmd.name} completed")
-        folders, subscriptions = await self.store(_folders_and_subscriptions, self.mailbox)
+        folders, subscriptions = await self.store(tasks.folders_and_subscriptions, self.mailbox)
         entries = list_entries(req, folders, subscriptions)
         word = b"LSUB" if lsub else b"LIST"
         out = []
@@ -571,7 +495,7 @@ class Session:
             out.append(line + b"\r\n")
             if req.status and e.selectable:
                 try:
-                    status = await self.store(_status, self.mailbox, e.name)
+                    status = await self.store(tasks.folder_status, self.mailbox, e.name)
                 except StoreError:
                     continue
                 out.append(_status_line(e.name, status, req.status))
@@ -583,22 +507,22 @@ class Session:
 
     async def do_STATUS(self, cmd: Command) -> bytes:
         if len(cmd.args) != 2 or not isinstance(cmd.args[1], ParenList) or not cmd.args[1].items:
-            raise _bad("Syntax: STATUS mailbox (items)")
+            raise bad("Syntax: STATUS mailbox (items)")
         name = self._name(cmd.args[0])
         items = [(as_astring(i) or "").upper() for i in cmd.args[1].items]
         if any(i not in STATUS_ITEMS for i in items):
-            raise _bad("Unknown STATUS item")
+            raise bad("Unknown STATUS item")
         assert self.mailbox is not None
         if not await self.store(self.mailbox.exists, name):
-            raise _no("Mailbox does not exist", "NONEXISTENT")
-        status = await self.store(_status, self.mailbox, name)
+            raise no("Mailbox does not exist", "NONEXISTENT")
+        status = await self.store(tasks.folder_status, self.mailbox, name)
         self.link.write(_status_line(name, status, tuple(items)))
         return tagged(cmd.tag, "OK", "STATUS completed")
 
     async def do_APPEND(self, cmd: Command) -> bytes:
         args = list(cmd.args)
         if len(args) < 2 or not isinstance(args[-1], Literal):
-            raise _bad("Syntax: APPEND mailbox [(flags)] [date-time] literal")
+            raise bad("Syntax: APPEND mailbox [(flags)] [date-time] literal")
         name = self._name(args[0])
         data = args[-1].value
         flags: list[str] = []
@@ -607,23 +531,23 @@ class Session:
             if isinstance(extra, ParenList) and not flags:
                 flags = [as_astring(f) or "" for f in extra.items]
                 if any(not f for f in flags):
-                    raise _bad("Invalid flag")
+                    raise bad("Invalid flag")
             elif isinstance(extra, Quoted) and date is None:
                 try:
                     date = parse_date_time(extra.value)
                 except ValueError:
-                    raise _bad("Invalid date-time") from None
+                    raise bad("Invalid date-time") from None
             else:
-                raise _bad("Syntax: APPEND mailbox [(flags)] [date-time] literal")
+                raise bad("Syntax: APPEND mailbox [(flags)] [date-time] literal")
         if not data:
-            raise _no("Empty message")
+            raise no("Empty message")
         if len(data) > self.config.limits.max_message_size:
-            raise _no("Message too large", "TOOBIG")
+            raise no("Message too large", "TOOBIG")
         assert self.mailbox is not None
         try:
-            validity, uid = await self.store(_append, self.mailbox, name, data, flags, date)
+            validity, uid = await self.store(tasks.append_message, self.mailbox, name, data, flags, date)
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise bad(str(e)) from None
         log.info("imap {user} appended {size} octets to {folder} as UID {uid}", user=self.user, size=len(data),
                  folder=name, uid=uid, uidvalidity=validity)
         return tagged(cmd.tag, "OK", "APPEND completed", ["APPENDUID", validity, uid])
@@ -653,7 +577,7 @@ class Session:
 
     async def do_IDLE(self, cmd: Command) -> bytes:
         if cmd.args:
-            raise _bad("IDLE takes no arguments")
+            raise bad("IDLE takes no arguments")
         if self.state is State.SELECTED:
             updates = await self._sync(expunge_ok=True)
             if updates:
@@ -673,7 +597,7 @@ class Session:
         if line is None:
             return b""
         if line.strip().upper() != b"DONE":
-            raise _bad("Expected DONE")
+            raise bad("Expected DONE")
         return tagged(cmd.tag, "OK", "IDLE terminated")
 
     def _still_here(self) -> None:
@@ -691,19 +615,19 @@ class Session:
     def _writable(self) -> View:
         view = self._need_view()
         if view.read_only:
-            raise _no("Mailbox is read-only", "READ-ONLY")
+            raise no("Mailbox is read-only", "READ-ONLY")
         return view
 
     def _select(self, arg: Arg, by_uid: bool) -> list[tuple[int, int]]:
         if not isinstance(arg, (SequenceSet, Atom)) and not (hasattr(arg, "value") and isinstance(arg.value, int)):
-            raise _bad("Sequence set expected")
+            raise bad("Sequence set expected")
         text = arg.text if hasattr(arg, "text") else str(arg.value)  # type: ignore[union-attr]
         if text == "$":
-            raise _bad("SEARCHRES is not supported")
+            raise bad("SEARCHRES is not supported")
         try:
             return self._need_view().select(SequenceSet(text), by_uid)
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise bad(str(e)) from None
 
     async def do_CHECK(self, cmd: Command) -> bytes:
         return tagged(cmd.tag, "OK", "CHECK completed")
@@ -740,19 +664,19 @@ class Session:
 
     async def do_UID_EXPUNGE(self, cmd: Command) -> bytes:
         if len(cmd.args) != 1:
-            raise _bad("Syntax: UID EXPUNGE uid-set")
+            raise bad("Syntax: UID EXPUNGE uid-set")
         return await self.do_EXPUNGE(cmd, cmd.args[0])
 
     # FETCH -------------------------------------------------------------------------
 
     async def do_FETCH(self, cmd: Command, by_uid: bool = False) -> bytes:
         if len(cmd.args) < 2:
-            raise _bad("Syntax: FETCH sequence-set items")
+            raise bad("Syntax: FETCH sequence-set items")
         view = self._need_view()
         try:
             plan = fetch.parse_items(cmd.args[1:])
         except fetch.FetchError as e:
-            raise _bad(str(e)) from None
+            raise bad(str(e)) from None
         if by_uid:
             plan = fetch.with_uid(plan)
         pairs = self._select(cmd.args[0], by_uid)
@@ -761,14 +685,14 @@ class Session:
         gone = False
         for i in range(0, len(pairs), batch):
             chunk = pairs[i : i + batch]
-            data, updated, missing = await self.store(_fetch_batch, self.folder, view, chunk, plan, seen, self.cache)
+            data, updated, missing = await self.store(tasks.fetch_batch, self.folder, view, chunk, plan, seen, self.cache)
             for info in updated:
                 view.update_info(info)
             gone = gone or missing
             self.link.write(data)
             await self.link.drain()
         if gone:
-            raise _no("Some of the requested messages no longer exist", "EXPUNGEISSUED")
+            raise no("Some of the requested messages no longer exist", "EXPUNGEISSUED")
         return tagged(cmd.tag, "OK", f"{cmd.name} completed")
 
     async def do_UID_FETCH(self, cmd: Command) -> bytes:
@@ -778,22 +702,22 @@ class Session:
 
     async def do_STORE(self, cmd: Command, by_uid: bool = False) -> bytes:
         if len(cmd.args) < 3 or not isinstance(cmd.args[1], Atom):
-            raise _bad("Syntax: STORE sequence-set [+|-]FLAGS[.SILENT] (flags)")
+            raise bad("Syntax: STORE sequence-set [+|-]FLAGS[.SILENT] (flags)")
         view = self._writable()
         item = cmd.args[1].text.upper()
         silent = item.endswith(".SILENT")
         op = item.removesuffix(".SILENT")
         if op not in ("FLAGS", "+FLAGS", "-FLAGS"):
-            raise _bad("Syntax: STORE sequence-set [+|-]FLAGS[.SILENT] (flags)")
+            raise bad("Syntax: STORE sequence-set [+|-]FLAGS[.SILENT] (flags)")
         raw = cmd.args[2].items if len(cmd.args) == 3 and isinstance(cmd.args[2], ParenList) else cmd.args[2:]
         names = [as_astring(a) for a in raw]
         if any(not n or any(c in n for c in '(){ %*"\\]') and not n.startswith("\\") for n in names):
-            raise _bad("Invalid flag")
+            raise bad("Invalid flag")
         pairs = self._select(cmd.args[0], by_uid)
         try:
-            updated, keywords = await self.store(_store_flags, self.folder, [u for _s, u in pairs], op, names)
+            updated, keywords = await self.store(tasks.store_flags, self.folder, [u for _s, u in pairs], op, names)
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise bad(str(e)) from None
         if keywords != view.keywords:
             view.keywords = keywords
             self.link.write(view.flags_response())
@@ -811,12 +735,12 @@ class Session:
 
     async def do_COPY(self, cmd: Command, by_uid: bool = False, move: bool = False) -> bytes:
         if len(cmd.args) != 2:
-            raise _bad(f"Syntax: {cmd.name} sequence-set mailbox")
+            raise bad(f"Syntax: {cmd.name} sequence-set mailbox")
         view = self._writable() if move else self._need_view()
         pairs = self._select(cmd.args[0], by_uid)
         name = self._name(cmd.args[1])
         assert self.mailbox is not None
-        copied, validity, removed = await self.store(_copy, self.mailbox, self.folder,
+        copied, validity, removed = await self.store(tasks.copy_messages, self.mailbox, self.folder,
                                                      [u for _s, u in pairs if u not in view.pending], name, move)
         code = None
         if copied:
@@ -845,10 +769,10 @@ class Session:
         try:
             query = search.parse_search(cmd.args)
         except search.BadCharset:
-            raise _no("Unsupported charset", ["BADCHARSET", ["UTF-8", "US-ASCII"]]) from None
+            raise no("Unsupported charset", ["BADCHARSET", ["UTF-8", "US-ASCII"]]) from None
         except search.SearchError as e:
-            raise _bad(str(e)) from None
-        hits = await self.store(_search, self.folder, view, query)
+            raise bad(str(e)) from None
+        hits = await self.store(tasks.run_search, self.folder, view, query)
         numbers = hits if by_uid else [view.seq_of(u) for u in hits]
         self.link.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers if n is not None) + b"\r\n")
         return tagged(cmd.tag, "OK", f"{cmd.name} completed")
@@ -858,10 +782,6 @@ class Session:
 
 
 IDLE_KEEPALIVE = 120.0
-
-
-def _folders_and_subscriptions(mailbox: Mailbox) -> tuple[list[str], list[str]]:
-    return mailbox.list_folders(), mailbox.subscriptions()
 
 
 def _status_line(name: str, status: dict[str, int], items: Sequence[str]) -> bytes:
@@ -878,10 +798,10 @@ def _list_request(args: Sequence[Arg], lsub: bool) -> ListRequest:
         selection = [(as_astring(a) or "").upper() for a in args.pop(0).items]
         extended = True
     if len(args) < 2:
-        raise _bad("Syntax: LIST reference pattern")
+        raise bad("Syntax: LIST reference pattern")
     ref_text = as_astring(args[0])
     if ref_text is None:
-        raise _bad("Syntax: LIST reference pattern")
+        raise bad("Syntax: LIST reference pattern")
     pat_arg = args[1]
     if isinstance(pat_arg, ParenList) and not lsub:
         raw = [as_astring(p) for p in pat_arg.items]
@@ -889,11 +809,11 @@ def _list_request(args: Sequence[Arg], lsub: bool) -> ListRequest:
     else:
         raw = [as_astring(pat_arg)]
     if any(p is None for p in raw):
-        raise _bad("Syntax: LIST reference pattern")
+        raise bad("Syntax: LIST reference pattern")
     returns: list[Arg] = []
     if len(args) > 2:
         if lsub or len(args) != 4 or (as_astring(args[2]) or "").upper() != "RETURN" or not isinstance(args[3], ParenList):
-            raise _bad("Syntax: LIST reference pattern [RETURN (options)]")
+            raise bad("Syntax: LIST reference pattern [RETURN (options)]")
         returns = list(args[3].items)
         extended = True
     status: tuple[str, ...] = ()
@@ -904,21 +824,21 @@ def _list_request(args: Sequence[Arg], lsub: bool) -> ListRequest:
         if opt == "STATUS" and i + 1 < len(returns) and isinstance(returns[i + 1], ParenList):
             status = tuple((as_astring(s) or "").upper() for s in returns[i + 1].items)  # type: ignore[union-attr]
             if any(s not in STATUS_ITEMS for s in status):
-                raise _bad("Unknown STATUS item")
+                raise bad("Unknown STATUS item")
             i += 2
             continue
         ret_names.add(opt)
         i += 1
     for opt in selection:
         if opt not in ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"):
-            raise _bad(f"Unknown LIST selection option {opt}")
+            raise bad(f"Unknown LIST selection option {opt}")
     if "RECURSIVEMATCH" in selection and len(selection) == 1:
-        raise _bad("RECURSIVEMATCH needs another selection option")
+        raise bad("RECURSIVEMATCH needs another selection option")
     try:
         reference = wire_to_name(ref_text) if ref_text else ""
         patterns = tuple(wire_to_name(p) if p and p.upper() != "INBOX" else (p or "") for p in raw)  # type: ignore[misc]
     except ValueError:
-        raise _no("Invalid mailbox name (modified UTF-7 expected)") from None
+        raise no("Invalid mailbox name (modified UTF-7 expected)") from None
     return ListRequest(
         reference, patterns, subscribed_only=lsub or "SUBSCRIBED" in selection,
         recursive="RECURSIVEMATCH" in selection, special_only="SPECIAL-USE" in selection,
@@ -926,111 +846,4 @@ def _list_request(args: Sequence[Arg], lsub: bool) -> ListRequest:
         return_children=True, return_special=True, status=status, lsub=lsub,
     )
 
-
-# -- store work of the selected-state commands (read pool) -----------------------------
-
-
-def _fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan,
-                 seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
-    out: list[bytes] = []
-    updated = []
-    missing = False
-    dates = folder.internaldates([u for _s, u in pairs]) if plan.needs_date else {}
-    keywords = view.keywords
-    info_of = view.info
-    recent = view.recent
-    wanted = plan.structures
-    if cache is not None and wanted:
-        cache.load(view.uids)
-    else:
-        cache = None
-    for seq, uid in pairs:
-        info = info_of.get(uid)
-        if info is None:
-            continue
-        data = root = None
-        cached = cache.get(uid) if cache is not None else None
-        if plan.needs_file and (plan.sections or cached is None or any(i not in cached for i in wanted)):
-            try:
-                data = _read(folder, uid)
-            except MessageGone:
-                missing = True
-                continue
-            root = mime.scan(data)
-            if cache is not None:
-                for item in wanted:
-                    if cached is None or item not in cached:
-                        cache.put(uid, item, fetch.structure(data, root, item))
-                cached = cache.get(uid)
-        changed = False
-        if seen and "S" not in info.flags:
-            try:
-                info = folder.set_flags(uid, info.flags | {"S"})
-            except MessageGone:
-                missing = True
-                continue
-            updated.append(info)
-            changed = True
-        flags = imap_flags(info.flags, keywords, uid in recent)
-        out.append(fetch.render(seq, plan, uid=uid, flags=flags, size=info.vsize or info.size,
-                                internaldate=dates.get(uid), data=data, root=root, flags_changed=changed,
-                                cached=cached))
-    if cache is not None:
-        cache.flush()
-    return b"".join(out), updated, missing
-
-
-def _store_flags(folder: Folder, uids: list[int], op: str, names: list[str]) -> tuple[list[Any], dict[str, str]]:
-    kw = folder.keywords
-    letters = letters_for(names, lambda k: kw.letter(k, create=True) or "")
-    known = set("DFRST") | set(kw.mapping())
-    updated = []
-    for uid in uids:
-        info = folder.get(uid)
-        if info is None:
-            continue
-        if op == "FLAGS":
-            new = letters | {c for c in info.flags if c not in known}  # "P" and unnamed letters stay
-        elif op == "+FLAGS":
-            new = set(info.flags) | letters
-        else:
-            new = set(info.flags) - letters
-        if new == set(info.flags):
-            continue
-        try:
-            updated.append(folder.set_flags(uid, new))
-        except MessageGone:
-            continue
-    return updated, kw.mapping()
-
-
-def _copy(mailbox: Mailbox, folder: Folder, uids: list[int], name: str,
-          move: bool) -> tuple[list[tuple[int, int]], int, list[int]]:
-    if not mailbox.exists(name):
-        raise _no("Mailbox does not exist", "TRYCREATE")
-    dest = mailbox.folder(name)
-    pairs = folder.copy_into(uids, dest) if uids else []
-    removed = folder.expunge([s for s, _d in pairs]) if move and pairs else []
-    return pairs, dest.assigned_uidvalidity if pairs else dest.uidvalidity, removed
-
-
-def _search(folder: Folder, view: View, query: search.Query) -> list[int]:
-    need = query.need
-    hits: list[int] = []
-    max_seq = len(view.uids)
-    max_uid = view.uids[-1] if view.uids else 0
-    dates = folder.internaldates(list(view.uids)) if need >= search.Need.DATE else {}
-    for seq, uid in enumerate(view.uids, 1):
-        info = view.info[uid]
-        c = _Candidate(seq, uid, frozenset(imap_flags(info.flags, view.keywords, uid in view.recent)), info.size,
-                       dates.get(uid))
-        if need >= search.Need.HEADER:
-            try:
-                c.data = _read(folder, uid)
-            except MessageGone:
-                continue
-            c.root = mime.scan(c.data)
-        if search.matches(query, c, max_seq=max_seq, max_uid=max_uid):
-            hits.append(uid)
-    return hits
 

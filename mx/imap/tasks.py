@@ -1,0 +1,215 @@
+"""The store work of IMAP commands: what runs in the read pool, one call per trip.
+
+Each function takes the session's store objects (`Mailbox`, `Folder`, the `View`) and does
+blocking file I/O only: no Twisted, no responses written here (FETCH and SEARCH return bytes
+or UIDs for the session to send). The session calls them through its `DeferredLock`, so a
+`Folder` is used by one thread at a time.
+
+Invariants:
+- Nothing here reads a message file unless the command needs its octets: SELECT, STATUS,
+  STORE, COPY, EXPUNGE and FETCH of FLAGS / UID / RFC822.SIZE / INTERNALDATE (a `stat`) never
+  do; FETCH of ENVELOPE / BODY / BODYSTRUCTURE reads a file only on a cache miss.
+- A message that vanished is skipped (reported as `missing`), never an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mx import mime
+from mx.imap import fetch, search
+from mx.imap.selected import View, imap_flags, letters_for
+from mx.store import Folder, Mailbox, MessageGone
+from mx.store.cache import StructureCache
+
+__all__ = ["Failed", "bad", "no"]
+
+
+class Failed(Exception):
+    """A command's tagged NO or BAD."""
+
+    def __init__(self, status: str, text: str, code: Any = None) -> None:
+        super().__init__(text)
+        self.status, self.text, self.code = status, text, code
+
+
+def bad(text: str) -> Failed:
+    return Failed("BAD", text)
+
+
+def no(text: str, code: Any = None) -> Failed:
+    return Failed("NO", text, code)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A message as `mx.imap.search.matches` reads it."""
+
+    seq: int
+    uid: int
+    flags: frozenset[str]
+    size: int
+    internaldate: float | None = None
+    data: bytes | None = None
+    root: mime.Part | None = None
+
+
+# -- the session -------------------------------------------------------------------------
+
+
+def folders_and_subscriptions(mailbox: Mailbox) -> tuple[list[str], list[str]]:
+    return mailbox.list_folders(), mailbox.subscriptions()
+
+
+# -- authenticated state --------------------------------------------------
+
+
+def open_folder(mailbox: Mailbox, name: str, read_only: bool) -> tuple[Folder, set[int], dict[str, str]]:
+    folder = mailbox.folder(name, take_new=not read_only)
+    if read_only:
+        recent = {i.uid for i in folder.messages() if i.subdir == "new"}
+    else:
+        recent = folder.take_recent()
+    return folder, recent, folder.keywords.mapping()
+
+
+def refresh(folder: Folder) -> tuple[Any, set[int], dict[str, str]]:
+    changes = folder.refresh()
+    recent = folder.take_recent() if folder.take_new else set()
+    return changes, recent, folder.keywords.mapping() if changes else {}
+
+
+def folder_status(mailbox: Mailbox, name: str) -> dict[str, int]:
+    folder = mailbox.folder(name)
+    infos = folder.messages()
+    return {
+        "MESSAGES": len(infos),
+        "RECENT": sum(1 for i in infos if i.subdir == "new"),
+        "UIDNEXT": folder.next_uid,
+        "UIDVALIDITY": folder.uidvalidity,
+        "UNSEEN": sum(1 for i in infos if "S" not in i.flags),
+    }
+
+
+def read_message(folder: Folder, uid: int) -> bytes:
+    with folder.open_message(uid) as fh:
+        return fh.read()
+
+
+def append_message(mailbox: Mailbox, name: str, data: bytes, flags: list[str], date: float | None) -> tuple[int, int]:
+    if not mailbox.exists(name):
+        raise no("Mailbox does not exist", "TRYCREATE")
+    folder = mailbox.folder(name)
+    letters = letters_for(flags, lambda k: folder.keywords.letter(k, create=True))
+    info = folder.append(data, sorted(letters), date)
+    return folder.assigned_uidvalidity, info.uid
+
+
+# -- selected state -----------------------------
+
+
+def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan,
+                 seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
+    out: list[bytes] = []
+    updated = []
+    missing = False
+    dates = folder.internaldates([u for _s, u in pairs]) if plan.needs_date else {}
+    keywords = view.keywords
+    info_of = view.info
+    recent = view.recent
+    wanted = plan.structures
+    if cache is not None and wanted:
+        cache.load(view.uids)
+    else:
+        cache = None
+    for seq, uid in pairs:
+        info = info_of.get(uid)
+        if info is None:
+            continue
+        data = root = None
+        cached = cache.get(uid) if cache is not None else None
+        if plan.needs_file and (plan.sections or cached is None or any(i not in cached for i in wanted)):
+            try:
+                data = read_message(folder, uid)
+            except MessageGone:
+                missing = True
+                continue
+            root = mime.scan(data)
+            if cache is not None:
+                for item in wanted:
+                    if cached is None or item not in cached:
+                        cache.put(uid, item, fetch.structure(data, root, item))
+                cached = cache.get(uid)
+        changed = False
+        if seen and "S" not in info.flags:
+            try:
+                info = folder.set_flags(uid, info.flags | {"S"})
+            except MessageGone:
+                missing = True
+                continue
+            updated.append(info)
+            changed = True
+        flags = imap_flags(info.flags, keywords, uid in recent)
+        out.append(fetch.render(seq, plan, uid=uid, flags=flags, size=info.vsize or info.size,
+                                internaldate=dates.get(uid), data=data, root=root, flags_changed=changed,
+                                cached=cached))
+    if cache is not None:
+        cache.flush()
+    return b"".join(out), updated, missing
+
+
+def store_flags(folder: Folder, uids: list[int], op: str, names: list[str]) -> tuple[list[Any], dict[str, str]]:
+    kw = folder.keywords
+    letters = letters_for(names, lambda k: kw.letter(k, create=True) or "")
+    known = set("DFRST") | set(kw.mapping())
+    updated = []
+    for uid in uids:
+        info = folder.get(uid)
+        if info is None:
+            continue
+        if op == "FLAGS":
+            new = letters | {c for c in info.flags if c not in known}  # "P" and unnamed letters stay
+        elif op == "+FLAGS":
+            new = set(info.flags) | letters
+        else:
+            new = set(info.flags) - letters
+        if new == set(info.flags):
+            continue
+        try:
+            updated.append(folder.set_flags(uid, new))
+        except MessageGone:
+            continue
+    return updated, kw.mapping()
+
+
+def copy_messages(mailbox: Mailbox, folder: Folder, uids: list[int], name: str,
+          move: bool) -> tuple[list[tuple[int, int]], int, list[int]]:
+    if not mailbox.exists(name):
+        raise no("Mailbox does not exist", "TRYCREATE")
+    dest = mailbox.folder(name)
+    pairs = folder.copy_into(uids, dest) if uids else []
+    removed = folder.expunge([s for s, _d in pairs]) if move and pairs else []
+    return pairs, dest.assigned_uidvalidity if pairs else dest.uidvalidity, removed
+
+
+def run_search(folder: Folder, view: View, query: search.Query) -> list[int]:
+    need = query.need
+    hits: list[int] = []
+    max_seq = len(view.uids)
+    max_uid = view.uids[-1] if view.uids else 0
+    dates = folder.internaldates(list(view.uids)) if need >= search.Need.DATE else {}
+    for seq, uid in enumerate(view.uids, 1):
+        info = view.info[uid]
+        c = Candidate(seq, uid, frozenset(imap_flags(info.flags, view.keywords, uid in view.recent)), info.size,
+                       dates.get(uid))
+        if need >= search.Need.HEADER:
+            try:
+                c.data = read_message(folder, uid)
+            except MessageGone:
+                continue
+            c.root = mime.scan(c.data)
+        if search.matches(query, c, max_seq=max_seq, max_uid=max_uid):
+            hits.append(uid)
+    return hits
+
