@@ -100,6 +100,7 @@ class FetchPlan:
     uid: bool  # UID is among the items
     structures: tuple[str, ...] = ()  # ENVELOPE, BODY, BODYSTRUCTURE asked: cacheable answers
     sections: bool = False  # some item needs the octets themselves (BODY[...], RFC822...)
+    tree: bool = False  # some item needs the MIME structure (not just BODY[] / RFC822 whole)
     steps: tuple[tuple[int, bytes, Section | None], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -167,6 +168,7 @@ def _plan(items: tuple[Item, ...]) -> FetchPlan:
         uid="UID" in items,
         structures=tuple(i for i in items if isinstance(i, str) and i in _STRUCTURES),
         sections=any(isinstance(s, Section) for s in sections),
+        tree=any(isinstance(s, Section) and (s.part or s.text) or s in _STRUCTURES for s in sections),
     )
 
 
@@ -358,7 +360,10 @@ def _header_fields(data: bytes, part: mime.Part, names: frozenset[bytes], exclud
 
 def section_bytes(data: bytes, root: mime.Part, section: Section) -> bytes | None:
     """The octets BODY[section] answers before <partial> is applied, as sent; None when the
-    section names no part (or HEADER / TEXT of a part that is no message): render sends {0}."""
+    section names no part (or HEADER / TEXT of a part that is no message): render sends {0}.
+    `root` may be None for the whole message (BODY[]), which needs no structure."""
+    if root is None or (not section.part and section.text is None):
+        return _wire(data)
     part = _find(root, section.part) if section.part else root
     if part is None:
         return None
@@ -801,7 +806,7 @@ def render(seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: i
         cached = None
         if data is None:
             raise ValueError("this FETCH needs the message octets")
-        if root is None:
+        if root is None and plan.tree:
             root = mime.scan(data)
     if plan.needs_date and internaldate is None:
         raise ValueError("this FETCH needs INTERNALDATE")

@@ -52,6 +52,7 @@ __all__ = ["IMAPServerFactory", "IMAPServerProtocol"]
 log = Logger()
 T = TypeVar("T")
 PAUSE_BUFFER = 256 * 1024
+CLOSE_GRACE = 10.0  # seconds a closing connection may take before it is cut
 MAX_ERRORS = 20  # BAD commands in a row before the connection is closed
 
 
@@ -146,6 +147,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._paused = False
         self._line: Deferred[bytes | None] | None = None
         self._drain = _Drain()
+        self._abort_later: Any = None
 
     @property
     def service(self) -> Service:
@@ -169,8 +171,15 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self.tls_active = True
 
     def close(self) -> None:
+        if not self._open:
+            return
         self._open = False
+        # Twisted's TLS layer starts its close only once no producer is registered.
+        self.transport.unregisterProducer()
+        self._drain.release()
         self.transport.loseConnection()
+        # A TLS peer that never answers our close_notify must not hold its slot for ever.
+        self._abort_later = self.factory.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def read_raw_line(self) -> Deferred[bytes | None]:
         assert self.reader is not None
@@ -225,6 +234,8 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._open = False
+        if self._abort_later is not None and self._abort_later.active():
+            self._abort_later.cancel()
         self.setTimeout(None)
         self._drain.release()
         line, self._line = self._line, None

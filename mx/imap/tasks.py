@@ -115,10 +115,11 @@ def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: 
     updated = []
     missing = False
     dates = folder.internaldates([u for _s, u in pairs]) if plan.needs_date else {}
-    keywords = view.keywords
     info_of = view.info
     recent = view.recent
     wanted = plan.structures
+    header_only = wanted == ("ENVELOPE",) and not plan.sections
+    names = _FlagNames(view)
     if cache is not None and wanted:
         cache.load(view.uids)
     else:
@@ -131,11 +132,12 @@ def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: 
         cached = cache.get(uid) if cache is not None else None
         if plan.needs_file and (plan.sections or cached is None or any(i not in cached for i in wanted)):
             try:
-                data = read_message(folder, uid)
+                # ENVELOPE alone needs only the header: read and scan that much.
+                data = read_header(folder, uid) if header_only else read_message(folder, uid)
             except MessageGone:
                 missing = True
                 continue
-            root = mime.scan(data)
+            root = mime.scan(data) if plan.tree else None
             if cache is not None:
                 for item in wanted:
                     if cached is None or item not in cached:
@@ -150,7 +152,7 @@ def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: 
                 continue
             updated.append(info)
             changed = True
-        flags = imap_flags(info.flags, keywords, uid in recent)
+        flags = names.list(info.flags, uid in recent)
         out.append(fetch.render(seq, plan, uid=uid, flags=flags, size=info.vsize or info.size,
                                 internaldate=dates.get(uid), data=data, root=root, flags_changed=changed,
                                 cached=cached))
@@ -199,17 +201,73 @@ def run_search(folder: Folder, view: View, query: search.Query) -> list[int]:
     max_seq = len(view.uids)
     max_uid = view.uids[-1] if view.uids else 0
     dates = folder.internaldates(list(view.uids)) if need >= search.Need.DATE else {}
+    names = _FlagNames(view)
+    info_of, recent = view.info, view.recent
+    test = query.test
     for seq, uid in enumerate(view.uids, 1):
-        info = view.info[uid]
-        c = Candidate(seq, uid, frozenset(imap_flags(info.flags, view.keywords, uid in view.recent)), info.size,
-                       dates.get(uid))
+        info = info_of[uid]
+        c = Candidate(seq, uid, names.set(info.flags, uid in recent), info.size, dates.get(uid))
         if need >= search.Need.HEADER:
             try:
                 c.data = read_message(folder, uid)
             except MessageGone:
                 continue
             c.root = mime.scan(c.data)
-        if search.matches(query, c, max_seq=max_seq, max_uid=max_uid):
+            if search.matches(query, c, max_seq=max_seq, max_uid=max_uid):
+                hits.append(uid)
+        elif test(c, max_seq, max_uid, None):  # what `matches` does for flag/date keys
             hits.append(uid)
     return hits
 
+
+class _FlagNames:
+    """IMAP flag names per (letters, recent), worked out once per distinct set: a folder of
+    100,000 messages has a handful of flag combinations (letter sets are interned)."""
+
+    def __init__(self, view: View) -> None:
+        self.keywords = view.keywords
+        self._lists: dict[tuple[frozenset[str], bool], list[str]] = {}
+        self._sets: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
+
+    def list(self, letters: frozenset[str], recent: bool) -> list[str]:
+        key = (letters, recent)
+        got = self._lists.get(key)
+        if got is None:
+            got = self._lists[key] = imap_flags(letters, self.keywords, recent)
+        return got
+
+    def set(self, letters: frozenset[str], recent: bool) -> frozenset[str]:
+        key = (letters, recent)
+        got = self._sets.get(key)
+        if got is None:
+            got = self._sets[key] = frozenset(self.list(letters, recent))
+        return got
+
+
+def read_header(folder: Folder, uid: int) -> bytes:
+    """The message's header, up to and with its empty line (all of it if it has none)."""
+    with folder.open_message(uid) as fh:
+        data = fh.read(_HEADER_READ)
+        while True:
+            end = _header_end(data)
+            if end >= 0:
+                return data[:end]
+            more = fh.read(_HEADER_READ)
+            if not more:
+                return data
+            data += more
+
+
+_HEADER_READ = 16 * 1024
+
+
+def _header_end(data: bytes) -> int:
+    if data.startswith(b"\r\n"):
+        return 2
+    if data.startswith(b"\n"):
+        return 1
+    ends = [i for i in (data.find(b"\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if not ends:
+        return -1
+    i = min(ends)
+    return i + (3 if data[i + 1 : i + 2] == b"\r" else 2)

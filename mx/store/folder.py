@@ -41,6 +41,7 @@ from __future__ import annotations
 import gc
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -209,6 +210,10 @@ class Folder:
                 gc.enable()
 
     def _sync_now(self) -> Changes:
+        if not self._by_uid and not self.uidvalidity:
+            reused = self._reuse_shared()
+            if reused is not None:
+                return reused
         listing = self._list()
         ul, ul_stamp, why = self._read_list()
         if ul is None or ul.dirty or any(b not in ul.uids for b in listing.files):
@@ -216,7 +221,23 @@ class Folder:
         changes = self._rebuild(ul, listing)
         moved = self._take_new() if self.take_new else 0
         self._snapshot = (*listing.stamp, ul_stamp) if listing.calm and not moved else None
+        if self._snapshot is not None:
+            _shared.publish(self.path, self._snapshot, self)
         return changes
+
+    def _reuse_shared(self) -> Changes | None:
+        """A first open of a calm folder that another Folder of this process listed at the
+        same stamp: its table, without listing (the same rule `refresh` trusts)."""
+        stamp = self._stamp_now()
+        found = _shared.get(self.path, stamp)
+        if found is None:
+            return None
+        table, fields, self.uidvalidity, self.next_uid, self.guid = found
+        self._by_uid, self._fields = dict(table), dict(fields)
+        self._snapshot = stamp
+        if self.take_new and self._take_new():
+            self._snapshot = None
+        return Changes(tuple(table.values()), (), ())
 
     def _assign_locked(
         self, publish: Callable[[], None] | None = None
@@ -383,16 +404,18 @@ class Folder:
     def __len__(self) -> int:
         return len(self._by_uid)
 
+    def _stamp_now(self) -> tuple[int, int, tuple[int, int, int] | None]:
+        try:
+            st = os.stat(self.path / uidlist.UIDLIST_FILE)
+            ul_stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            ul_stamp = None
+        return (*self._dir_mtimes(), ul_stamp)
+
     def refresh(self) -> Changes:
         """New, vanished and re-flagged messages since the last look; cheap if none."""
-        if self._snapshot is not None:
-            try:
-                st = os.stat(self.path / uidlist.UIDLIST_FILE)
-                ul_stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
-            except FileNotFoundError:
-                ul_stamp = None
-            if (*self._dir_mtimes(), ul_stamp) == self._snapshot:
-                return _NO_CHANGES
+        if self._snapshot is not None and self._stamp_now() == self._snapshot:
+            return _NO_CHANGES
         return self._sync()
 
     def uidl(self, uid: int) -> str:
@@ -605,6 +628,40 @@ class Folder:
         else:
             self._keywords.reload()
         return self._keywords
+
+
+class _SharedTables:
+    """The last calm table of the most recently listed folders, for every Folder of the
+    process: a second session opening a big unchanged folder copies a dict instead of
+    listing 100,000 names. Entries are immutable snapshots (MessageInfo is frozen)."""
+
+    MAX = 32
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: dict[Path, tuple[tuple[object, ...], tuple[dict[int, MessageInfo], dict[int, str], int, int, str]]] = {}
+
+    def get(self, path: Path, stamp: tuple[object, ...]) -> tuple[dict[int, MessageInfo], dict[int, str], int, int, str] | None:
+        with self._lock:
+            entry = self._by_path.get(path)
+        if entry is None or entry[0] != stamp:
+            return None
+        return entry[1]
+
+    def publish(self, path: Path, stamp: tuple[object, ...], folder: Folder) -> None:
+        with self._lock:
+            entry = self._by_path.get(path)
+            if entry is not None and entry[0] == stamp:
+                return
+        value = (dict(folder._by_uid), dict(folder._fields), folder.uidvalidity, folder.next_uid, folder.guid)
+        with self._lock:
+            self._by_path.pop(path, None)
+            self._by_path[path] = (stamp, value)
+            while len(self._by_path) > self.MAX:
+                self._by_path.pop(next(iter(self._by_path)))
+
+
+_shared = _SharedTables()
 
 
 def _file_mode(folder: Path) -> int:
