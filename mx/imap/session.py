@@ -195,6 +195,9 @@ class Session:
             result = await handler(cmd)
         except Failed as f:
             result = tagged(cmd.tag, f.status, f.text, f.code)
+            if f.bye is not None:
+                self.state = State.LOGOUT  # the protocol closes after writing this
+                return result + untagged_status("BYE", f.bye)
         except StoreError as e:
             log.info("imap store error for {user}: {error}", user=self.user, error=str(e))
             result = tagged(cmd.tag, "NO", "Cannot do that with this mailbox now", "SERVERBUG")
@@ -277,9 +280,8 @@ class Session:
             raise no("Plaintext authentication is not allowed without TLS", "PRIVACYREQUIRED")
         if self.brake.blocked():
             self._failed_log(username, "too many failures from this address")
-            self.link.write(untagged_status("BYE", "Too many authentication failures, try later"))
-            self.link.close()
-            raise no("Too many authentication failures", "UNAVAILABLE")
+            raise Failed("NO", "Too many authentication failures", "UNAVAILABLE",
+                         bye="Too many authentication failures, try later")
 
     def _failed_log(self, username: str, reason: str) -> None:
         log.info("imap login failed for {username} from {peer}: {reason}", username=username[:100],

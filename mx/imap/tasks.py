@@ -27,11 +27,11 @@ __all__ = ["Failed", "bad", "no"]
 
 
 class Failed(Exception):
-    """A command's tagged NO or BAD."""
+    """A command's tagged NO or BAD; with `bye`, a `* BYE bye` follows and the session ends."""
 
-    def __init__(self, status: str, text: str, code: Any = None) -> None:
+    def __init__(self, status: str, text: str, code: Any = None, bye: str | None = None) -> None:
         super().__init__(text)
-        self.status, self.text, self.code = status, text, code
+        self.status, self.text, self.code, self.bye = status, text, code, bye
 
 
 def bad(text: str) -> Failed:
@@ -137,7 +137,10 @@ def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: 
             except MessageGone:
                 missing = True
                 continue
-            root = mime.scan(data) if plan.tree else None
+            if header_only:  # ENVELOPE reads the header's fields by offset: no scan needed
+                root = mime.Part("", offset=0, header_size=len(data), body_offset=len(data))
+            else:
+                root = mime.scan(data) if plan.tree else None
             if cache is not None:
                 for item in wanted:
                     if cached is None or item not in cached:
