@@ -489,6 +489,52 @@ class CacheAndRecentTests(IMAPCase):
         await self.thread(run)
 
 
+class MoreCommandsTests(IMAPCase):
+    async def test_list_extended_status_lsub_and_the_small_commands(self) -> None:
+        await self.start()
+        await self.deliver(message("m1"), message("m2"), message("m3"))
+
+        def run() -> None:
+            r = self.raw()
+            r.command(f"a LOGIN {ALICE} {ALICE_PW}\r\n".encode())
+            lines = r.command(b'b LIST "" "*" RETURN (SUBSCRIBED CHILDREN STATUS (MESSAGES UNSEEN UIDNEXT))\r\n')
+            text = b"\n".join(lines)
+            self.assertIn(b'* LIST (\\HasNoChildren) "." INBOX', text)
+            self.assertIn(b"* STATUS INBOX (MESSAGES 3 UNSEEN 3 UIDNEXT 4)", text)
+            self.assertRegex(text, rb'\* LIST \([^)]*\\Subscribed[^)]*\\Sent[^)]*\) "\." Sent')
+            lines = r.command(b'c LIST (SPECIAL-USE) "" "*"\r\n')
+            self.assertEqual(len([x for x in lines if x.startswith(b"* LIST")]), 5, lines)
+            lines = r.command(b'd LSUB "" "*"\r\n')
+            self.assertEqual(len([x for x in lines if x.startswith(b"* LSUB")]), 5, lines)
+            self.assertTrue(r.command(b'e UNSUBSCRIBE Junk\r\n')[-1].startswith(b"e OK"))
+            lines = r.command(b'f LIST (SUBSCRIBED) "" "%"\r\n')
+            self.assertFalse(any(b"Junk" in x for x in lines), lines)
+            self.assertEqual(r.command(b'g LIST "" ""\r\n')[0], b'* LIST (\\Noselect) "." ""')
+            text = b"\n".join(r.command(b"h STATUS INBOX (MESSAGES RECENT UIDVALIDITY)\r\n"))
+            self.assertRegex(text, rb"\* STATUS INBOX \(MESSAGES 3 RECENT 3 UIDVALIDITY \d+\)")
+            self.assertIn(b'* NAMESPACE (("" ".")) NIL NIL', b"\n".join(r.command(b"i NAMESPACE\r\n")))
+            self.assertIn(b'* ID ("name" "mx"', b"\n".join(r.command(b'j ID ("name" "test")\r\n')))
+            self.assertIn(b"* ENABLED", b"\n".join(r.command(b"k ENABLE CONDSTORE\r\n")))
+            text = b"\n".join(r.command(b"l EXAMINE INBOX\r\n"))
+            self.assertIn(b"l OK [READ-ONLY]", text)
+            self.assertIn(b"* 3 RECENT", text)  # read-only: messages still in new/ count as recent
+            self.assertTrue(r.command(b"m SELECT INBOX\r\n")[-1].startswith(b"m OK [READ-WRITE]"))
+            r.command(b"n STORE 1:3 +FLAGS.SILENT (\\Deleted)\r\n")
+            lines = r.command(b"o UID EXPUNGE 2\r\n")
+            self.assertEqual(lines, [b"* 2 EXPUNGE", b"o OK EXPUNGE completed"])
+            self.assertTrue(r.command(b"p CHECK\r\n")[-1].startswith(b"p OK"))
+            self.assertTrue(r.command(b"q UNSELECT\r\n")[-1].startswith(b"q OK"))  # no expunge
+            text = b"\n".join(r.command(b"r SELECT INBOX\r\n"))
+            self.assertIn(b"* 2 EXISTS", text)
+            self.assertTrue(r.command(b"s CLOSE\r\n")[-1].startswith(b"s OK"))  # expunges silently
+            text = b"\n".join(r.command(b"t STATUS INBOX (MESSAGES)\r\n"))
+            self.assertIn(b"* STATUS INBOX (MESSAGES 0)", text)
+            self.assertTrue(r.command(b"u FETCH 1 FLAGS\r\n")[-1].startswith(b"u BAD"))  # not selected
+            self.assertTrue(r.command(b"v XYZZY\r\n")[-1].startswith(b"v BAD"))
+
+        await self.thread(run)
+
+
 class IdleTests(IMAPCase):
     async def test_idle_sees_delivery_and_other_sessions_store_and_expunge(self) -> None:
         await self.start()
