@@ -109,8 +109,42 @@ def append_message(mailbox: Mailbox, name: str, data: bytes, flags: list[str], d
 # -- selected state -----------------------------
 
 
+_NAME_ONLY = frozenset({"UID", "FLAGS", "RFC822.SIZE"})
+
+
+def _fetch_names_only(view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan) -> bytes:
+    """FETCH of UID / FLAGS / RFC822.SIZE only (what clients sync with): one format per
+    message, flag lists made once per distinct set; the same bytes `fetch.render` makes."""
+    names = _FlagNames(view)
+    info_of, recent = view.info, view.recent
+    flag_bytes: dict[tuple[frozenset[str], bool], bytes] = {}
+    items = plan.items
+    out: list[bytes] = []
+    append = out.append
+    for seq, uid in pairs:
+        info = info_of.get(uid)
+        if info is None:
+            continue
+        parts = []
+        for item in items:
+            if item == "UID":
+                parts.append(b"UID %d" % uid)
+            elif item == "FLAGS":
+                key = (info.flags, uid in recent)
+                fb = flag_bytes.get(key)
+                if fb is None:
+                    fb = flag_bytes[key] = b"FLAGS (" + " ".join(names.list(*key)).encode() + b")"
+                parts.append(fb)
+            else:
+                parts.append(b"RFC822.SIZE %d" % (info.vsize or info.size))
+        append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
+    return b"".join(out)
+
+
 def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan,
                  seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
+    if not plan.needs_file and not plan.needs_date and all(i in _NAME_ONLY for i in plan.items):
+        return _fetch_names_only(view, pairs, plan), [], False
     out: list[bytes] = []
     updated = []
     missing = False

@@ -1,0 +1,52 @@
+"""mx.imap.tasks: the read-pool work of IMAP commands, on a real Maildir in a temp folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from mx.imap import fetch, tasks
+from mx.imap.parse import CommandReader, SequenceSet
+from mx.imap.selected import View
+from mx.store import Folder
+
+
+def _plan(items: str, uid: bool = False) -> fetch.FetchPlan:
+    r = CommandReader()
+    r.receive_data(f"a FETCH 1:* {items}\r\n".encode())
+    plan = fetch.parse_items(r.next_event().args[1:])
+    return fetch.with_uid(plan) if uid else plan
+
+
+class NamesOnlyFetchTests(TestCase):
+    def setUp(self) -> None:
+        root = Path(self.mktemp())
+        for sub in ("new", "cur", "tmp"):
+            (root / sub).mkdir(parents=True)
+        flags = ["", "S", "FS", "a", "RST", "S"]
+        for i, letters in enumerate(flags):
+            body = f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
+            sub = "new" if i == 5 else "cur"
+            name = f"{1700000000 + i}.M{i}P1.host,S={len(body)}" + ("" if sub == "new" else f":2,{letters}")
+            (root / sub / name).write_bytes(body)
+        (root / "dovecot-keywords").write_text("0 $Work\n")
+        self.folder = Folder.open(root, take_new=True)
+        recent = self.folder.take_recent()
+        self.view = View.open(self.folder.messages(), recent, self.folder.keywords.mapping(),
+                              self.folder.uidvalidity, self.folder.next_uid, False)
+
+    def test_the_fast_path_answers_what_render_answers(self) -> None:
+        pairs = self.view.select(SequenceSet("1:*"), False)
+        for items, uid in (("FLAGS", False), ("(FLAGS UID)", False), ("(RFC822.SIZE FLAGS)", True), ("UID", False)):
+            plan = _plan(items, uid)
+            fast, updated, missing = tasks.fetch_batch(self.folder, self.view, pairs, plan, False, None)
+            slow = b"".join(
+                fetch.render(seq, plan, uid=u, flags=self.view.flags_of(u), size=self.view.info[u].size,
+                             internaldate=None, data=None, root=None)
+                for seq, u in pairs)
+            self.assertEqual(fast, slow, items)
+            self.assertEqual((updated, missing), ([], False))
+        flags = tasks.fetch_batch(self.folder, self.view, pairs, _plan("FLAGS"), False, None)[0]
+        self.assertIn(b"\\Recent", flags)  # the message taken from new/
+        self.assertIn(b"$Work", flags)  # keyword letter "a"
