@@ -218,15 +218,18 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def plaintext_allowed(peer_ip: str, tls_active: bool, plaintext_without_tls: Iterable[IPNetwork]) -> bool:
     """May this client send a password (`auth.plaintext_without_tls`, RFC 4954 §4 / RFC 8314)?"""
-    if tls_active:
-        return True
+    return tls_active or ip_in(peer_ip, plaintext_without_tls)
+
+
+def ip_in(peer_ip: str, networks: Iterable[IPNetwork]) -> bool:
+    """Is this address (an IPv4-mapped IPv6 one as its IPv4) in one of the networks?"""
     try:
         ip = ipaddress.ip_address(peer_ip)
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return any(ip in net for net in plaintext_without_tls)
+    return any(ip in net for net in networks)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import fcntl
 import getpass
 import json
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -78,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     ))
     queue_commands.add_parser("flush", help="the running server retries every queued message now").set_defaults(
         handler=cmd_queue_flush)
+
+    dkim = commands.add_parser("dkim", help="DKIM signing keys")
+    dkim_commands = dkim.add_subparsers(dest="dkim_command", metavar="ACTION", required=True)
+    keygen = dkim_commands.add_parser("keygen", help="make a key under <data_dir>/dkim/DOMAIN/ and print its DNS record")
+    keygen.add_argument("domain", metavar="DOMAIN")
+    keygen.add_argument("--selector", metavar="S", help="the selector (default: mx<yyyymm><e|r>)")
+    keygen.add_argument("--algorithm", choices=("ed25519", "rsa"), default="ed25519")
+    keygen.set_defaults(handler=cmd_dkim_keygen)
+
+    records = commands.add_parser("dns-records", help="print every DNS record to publish for DOMAIN")
+    records.add_argument("domain", metavar="DOMAIN")
+    records.set_defaults(handler=cmd_dns_records)
     return parser
 
 
@@ -340,6 +353,32 @@ def _locked(users_file: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def cmd_dkim_keygen(config: Config, args: argparse.Namespace) -> None:
+    from mx.mailauth.keys import dns_record, generate
+
+    domain = args.domain.rstrip(".").lower()
+    if not domain or "/" in domain or domain.startswith("."):
+        raise CommandError(f"not a domain: {args.domain!r}")
+    selector = args.selector or time.strftime("mx%Y%m") + ("e" if args.algorithm == "ed25519" else "r")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*",
+                        selector):
+        raise CommandError(f"not a selector (letters, digits, hyphens, dots): {selector!r}")
+    try:
+        path = generate(config.data_dir, domain, selector, args.algorithm)
+    except FileExistsError:
+        raise CommandError(f"{config.data_dir / 'dkim' / domain / (selector + '.key')}: exists already") from None
+    print(dns_record(path, selector, domain))
+    print(f"# key written to {path}; a running server signs with it within seconds (at once on SIGHUP)",
+          file=sys.stderr)
+
+
+def cmd_dns_records(config: Config, args: argparse.Namespace) -> None:
+    from mx.mailauth.records import dns_records
+
+    for line in dns_records(config, args.domain):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,29 @@ class Pop3Config:
     mark_seen: bool = False
 
 
+class DMARCEnforcement(StrEnum):
+    ENFORCE = "enforce"  # p=reject -> 550 5.7.1, p=quarantine -> the recipient's .Junk
+    REPORT = "report"  # the header only; everything is delivered as usual
+
+
+@dataclass(frozen=True)
+class MailAuthConfig:
+    """Inbound checks on the `smtp` port and signing of submitted mail (issue 10)."""
+
+    spf: bool = True  # SPF of MAIL FROM and HELO (RFC 7208)
+    dkim: bool = True  # every DKIM signature (RFC 6376, RFC 8463)
+    dmarc: bool = True  # DMARC alignment and policy (RFC 7489)
+    arc: bool = True  # ARC chain validation (RFC 8617)
+    dmarc_policy: DMARCEnforcement = DMARCEnforcement.ENFORCE
+    reject_spf_fail: bool = False  # 550 5.7.23 for SPF "fail" without a DKIM pass
+    trusted_arc_sealers: tuple[str, ...] = ()  # their passing ARC chain overrides a DMARC fail
+    deadline: float = 20.0  # the whole check set of one message
+    # Peers whose mail is not checked: programs on this host (cron, a web app) hand mail
+    # to port 25 on loopback with no SPF or DKIM of their own (Postfix's mynetworks rule).
+    skip_networks: tuple[IPNetwork, ...] = ()
+    sign: bool = True  # DKIM-sign mail submitted by authenticated users
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str
@@ -137,6 +160,7 @@ class Config:
     limits: LimitsConfig
     pop3: Pop3Config
     source: Path | None
+    mailauth: MailAuthConfig = MailAuthConfig()
 
     def is_local_domain(self, domain: str) -> bool:
         """True if mail for `domain` (any case, U-label or A-label) is delivered here."""
@@ -257,6 +281,11 @@ def _build(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
             "max_connections": (1000, _positive_int), "pop3_idle_timeout": ("10m", _positive_duration),
             "imap_idle_timeout": ("30m", _positive_duration)}),
         "pop3": (Pop3Config, {"mark_seen": (False, _bool)}),
+        "mailauth": (MailAuthConfig, {
+            "spf": (True, _bool), "dkim": (True, _bool), "dmarc": (True, _bool), "arc": (True, _bool),
+            "dmarc_policy": ("enforce", _dmarc_enforcement), "reject_spf_fail": (False, _bool),
+            "trusted_arc_sealers": ([], _optional_domains), "deadline": ("20s", _positive_duration),
+            "skip_networks": (["127.0.0.0/8", "::1"], _networks), "sign": (True, _bool)}),
     }
     sections: dict[str, Any] = {}
     for name, (cls, keys) in schema.items():
@@ -347,6 +376,17 @@ def _domains(value: Any) -> tuple[str, ...]:
     if not domains:
         raise ValueError("must name at least one domain")
     return domains
+
+
+def _optional_domains(value: Any) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_domain(v) for v in _strings(value)))
+
+
+def _dmarc_enforcement(value: Any) -> DMARCEnforcement:
+    try:
+        return DMARCEnforcement(_string(value))
+    except ValueError:
+        raise ValueError(f'must be "enforce" or "report", got {value!r}') from None
 
 
 def _address(value: Any) -> str:

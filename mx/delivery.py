@@ -370,6 +370,13 @@ class Envelope:
     kind: Kind = Kind.MESSAGE  # or a DSN we generate
     eight_bit: bool = False  # BODY=8BITMIME was given
     smtputf8: bool = False  # SMTPUTF8 was given
+    # Mail authentication (mx.mailauth): headers that go right below our trace headers (an
+    # Authentication-Results inbound, DKIM-Signatures on submitted mail); `junk` files local
+    # copies into each recipient's .Junk folder (DMARC quarantine); `body` replaces the
+    # received octets (forged Authentication-Results removed).
+    added_headers: bytes = b""
+    junk: bool = False
+    body: bytes | None = None
 
 
 def _ip_literal(ip: str) -> str:
@@ -403,6 +410,9 @@ def trace_headers(
         lines.append(f"\r\n\tfor <{rcpt}>")
     lines.append(f"; {date}\r\n")
     return "".join(lines).encode("utf-8")
+
+
+JUNK_FOLDER = ".Junk"  # Maildir++ folder of DMARC-quarantined mail (RFC 6154 \\Junk)
 
 
 class Delivery:
@@ -456,7 +466,7 @@ class Delivery:
         thread, and the coroutine machinery costs more than the work here.
         """
         message.finish()
-        body: bytes | Path | None = message.in_memory()
+        body: bytes | Path | None = env.body if env.body is not None else message.in_memory()
         if body is None:
             body = message.path
         now = time.time()
@@ -471,10 +481,11 @@ class Delivery:
                     address = str(dest.address)
                     remote.setdefault(address, RecipientState(address=address, original=str(rcpt)))
         for dest, rcpt in local.items():
+            folder = self._mailbox_path(dest)
             job.append(
                 maildir.Delivery(
-                    maildir=self._mailbox_path(dest),
-                    header=trace_headers(self._config, env, rcpt, now, return_path=True),
+                    maildir=folder / JUNK_FOLDER if env.junk else folder,
+                    header=trace_headers(self._config, env, rcpt, now, return_path=True) + env.added_headers,
                     body=body if isinstance(body, bytes) else None,
                     body_file=body if isinstance(body, Path) else None,
                 )
@@ -484,13 +495,13 @@ class Delivery:
             if self._spool is None:
                 raise RuntimeError("remote recipients need the relay queue")
             only = next(iter(remote.values())).original if len(remote) == 1 else None
-            header = trace_headers(self._config, env, only, now, return_path=False)
+            header = trace_headers(self._config, env, only, now, return_path=False) + env.added_headers
             entry = QueueEntry(
                 id=env.msgid,
                 sender=str(env.sender or ""),
                 arrival=now,
                 recipients=tuple(remote.values()),
-                size=len(header) + message.size,
+                size=len(header) + (len(env.body) if env.body is not None else message.size),
                 kind=env.kind,
                 eight_bit=env.eight_bit,
                 smtputf8=env.smtputf8,
@@ -508,6 +519,7 @@ class Delivery:
                 sender=str(env.sender or ""),
                 recipients=[str(r) for r, _d in env.recipients],
                 mailboxes=",".join(str(d) for d in local) or "-",
+                junk=env.junk,
                 queued=",".join(remote) or "-",
                 size=size,
                 peer=env.peer_ip,

@@ -77,6 +77,10 @@ def ensure_maildir(path: Path) -> None:
             created.append(d)
         except FileExistsError:
             pass
+    if created and path.name.startswith("."):
+        # A Maildir++ folder (".Junk"): Dovecot's marker, as mx.store's Mailbox.create makes.
+        with open(path / "maildirfolder", "wb"):
+            pass
     for parent in {d.parent for d in created}:
         fsync_dir(parent)
 

@@ -22,10 +22,11 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from enum import Enum, StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -51,8 +52,12 @@ from mx.auth import (
 from mx.config import Config
 from mx.delivery import Delivery, Envelope, IncomingMessage, new_message_id
 from mx.listeners import ConnectionRegistry, Refusal, Service, client_key
+from mx.mailauth.check import Action, Verdict
 from mx.routing import Destination, RemoteRecipient, Router
 from mx.tls import ServerTLS
+
+if TYPE_CHECKING:
+    from mx.mailauth.gate import MailAuth
 from mx.smtp import (
     NEED_DATA,
     BadLine,
@@ -134,8 +139,10 @@ class SMTPServerFactory(ServerFactory):
         implicit_tls: bool = False,
         authenticator: Authenticator | None = None,
         registry: ConnectionRegistry | None = None,
+        mailauth: MailAuth | None = None,
     ) -> None:
         self.config = config
+        self.mailauth = mailauth  # SPF/DKIM/DMARC/ARC on smtp, DKIM signing on submission
         self.router = router
         self.delivery = delivery
         self.clock = clock
@@ -522,14 +529,37 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._reset_transaction()
         # The spill file (if any) is complete and closed before commit reads it; a commit
         # that raises, at once or later, becomes the errback below (a 451, file removed).
-        d = message.flushed()
-        d.addCallback(lambda _: self.factory.delivery.commit(env, message))
+        d: Deferred[Any] = message.flushed()
+        auth = self.factory.mailauth
+        if auth is not None and self.factory.service is Service.SMTP and auth.checks(env.peer_ip):
+            d.addCallback(lambda _: auth.check(env, message))
+            d.addCallback(self._judged, env)
+        elif auth is not None and self.user is not None and auth.cfg.sign:
+            d.addCallback(lambda _: auth.sign(env, message))
+            d.addCallback(lambda headers: dataclasses.replace(env, added_headers=headers))
+        else:
+            d.addCallback(lambda _: env)
+        d.addCallback(self._commit, message)
         return d.addCallbacks(self._accepted, self._not_accepted, callbackArgs=(env, message), errbackArgs=(env, message))
 
-    def _accepted(self, _files: object, env: Envelope, message: IncomingMessage) -> Deferred[Reply]:
+    def _judged(self, verdict: Verdict, env: Envelope) -> Envelope | Reply:
+        """Act on mail authentication: a 550 after the final dot, or the header (and Junk)."""
+        if verdict.action is Action.REJECT:
+            log.info("refused message from {sender} ({peer}): {code} {text}", sender=str(env.sender or ""),
+                     peer=env.peer_ip, code=550, text=verdict.reason, msgid=env.msgid)
+            return Reply(550, "5.7.1", f"Message refused: {verdict.reason}")
+        return dataclasses.replace(env, added_headers=verdict.header, junk=verdict.action is Action.JUNK,
+                                   body=verdict.message)
+
+    def _commit(self, judged: Envelope | Reply, message: IncomingMessage) -> Any:
+        if isinstance(judged, Reply):
+            return judged
+        return self.factory.delivery.commit(judged, message)
+
+    def _accepted(self, outcome: object, env: Envelope, message: IncomingMessage) -> Deferred[Reply]:
         # Delivery.commit logged the message and told the relay of any queue entry; it also
         # discarded the message: the 250 waits until the spill file is gone.
-        reply = Reply(250, "2.0.0", f"OK id={env.msgid}")
+        reply = outcome if isinstance(outcome, Reply) else Reply(250, "2.0.0", f"OK id={env.msgid}")
         return message.discard().addBoth(lambda _: reply)
 
     def _not_accepted(self, failure: Failure, env: Envelope, message: IncomingMessage) -> Deferred[Reply]:

@@ -47,6 +47,7 @@ from mx.control import POLL_INTERVAL, ServerLock, control_dir, read_requests
 from mx.delivery import Delivery, remove_spilled
 from mx.dns import Resolver
 from mx.listeners import ConnectionRegistry, Service
+from mx.mailauth.gate import KEY_REFRESH, MailAuth
 from mx.durable import unlink_quietly
 from mx.imap.server import IMAPServerFactory
 from mx.pop3server import POP3ServerFactory
@@ -65,6 +66,7 @@ log = Logger()
 
 DISK_THREADS = 8
 AUTH_THREADS = 2
+MAILAUTH_THREADS = 8  # each waits on DNS most of its time (SPF, DKIM keys, DMARC)
 READ_THREADS = 4
 TMP_SWEEP_INTERVAL = 86400.0  # seconds: daily
 SHUTDOWN_GRACE = 10.0  # seconds a busy connection gets to finish at shutdown
@@ -115,6 +117,12 @@ class MailService(service.MultiService):
         # Password hashing gets its own small pool so it never delays disk commits.
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="mx-auth")
         self.authenticator = Authenticator(self.users, reactor, self.auth_pool)
+        # SPF/DKIM/DMARC/ARC on the smtp port and DKIM signing on submission: blocking DNS and
+        # RSA in a pool of their own, so a slow nameserver never delays logins or commits.
+        self.mailauth_pool = ThreadPool(minthreads=0, maxthreads=MAILAUTH_THREADS, name="mx-mailauth")
+        self.mailauth = MailAuth(config, reactor, self.mailauth_pool)
+        self.keys_refresh = LoopingCall(self.mailauth.reload_keys)
+        self.keys_refresh.clock = reactor
         self.tls = ServerTLS(config)  # raises TLSError naming the file
         # Every service's factory registers here: shared connection limits, one shutdown.
         self.registry = ConnectionRegistry(config.limits, reactor)
@@ -148,6 +156,7 @@ class MailService(service.MultiService):
             implicit_tls=kind.implicit_tls,
             authenticator=self.authenticator,
             registry=self.registry,
+            mailauth=self.mailauth,
         )
 
     def _pop3_factory(self, kind: Service) -> POP3ServerFactory:
@@ -245,6 +254,8 @@ class MailService(service.MultiService):
         self.pool.start()
         self.auth_pool.start()
         self.read_pool.start()
+        self.mailauth_pool.start()
+        self.keys_refresh.start(KEY_REFRESH, now=True)
         # Messages half-received when the last run stopped: nobody was told 250 for them.
         deferToThreadPool(self.reactor, self.pool, remove_spilled, self.delivery.spill_dir)
         self.relay.startService()
@@ -278,7 +289,7 @@ class MailService(service.MultiService):
         # 2. drain every service through the registry: in-flight commits finish, idle
         #    connections get 421 (BYE, -ERR), the rest are cut after the grace time
         yield self.registry.shutdown(SHUTDOWN_GRACE)
-        for loop in (self.control, self.users_refresh, self.tmp_sweep):
+        for loop in (self.control, self.users_refresh, self.tmp_sweep, self.keys_refresh):
             if loop.running:
                 loop.stop()
         # 3. the relay: running attempts get a few seconds, then are cut (intent is recorded,
@@ -289,6 +300,7 @@ class MailService(service.MultiService):
         # 4. the thread pools last (they join their threads; nothing is pending any more)
         self.read_pool.stop()
         self.auth_pool.stop()
+        self.mailauth_pool.stop()
         self.pool.stop()
         log.info("mx stopped")
 
@@ -309,10 +321,12 @@ def build(config: Config, reactor: Any = None, **relay_options: Any) -> MailServ
 
 
 def _reload_tls_on_sighup(mail: MailService) -> None:
-    """Certificate renewal without a restart: SIGHUP re-reads `[tls]` for new connections."""
+    """Certificate renewal without a restart: SIGHUP re-reads `[tls]` for new connections,
+    and the DKIM keys under `<data_dir>/dkim/`."""
 
     def handler(signum: int, frame: object) -> None:
         mail.reactor.callFromThread(mail.tls.reload)
+        mail.reactor.callFromThread(mail.mailauth.reload_keys)  # new DKIM keys
 
     signal.signal(signal.SIGHUP, handler)
 

@@ -1,0 +1,111 @@
+"""Mail authentication as the SMTP server uses it: checks and signing off the reactor thread.
+
+`MailAuth.check(env, message)` judges an inbound message (SPF, DKIM, ARC, DMARC: `check`)
+and `MailAuth.sign(env, message)` DKIM-signs a submitted one; both run in the "mx-mailauth"
+thread pool (blocking DNS with the configured nameservers and timeout, RSA arithmetic,
+reading a spilled message) and return Deferreds. The DKIM keys are re-read every
+`KEY_REFRESH` seconds and on `reload_keys()` (SIGHUP).
+
+Invariants:
+- Nothing here blocks the reactor: the message octets (in memory or a spill file), DNS and
+  signatures are all handled in the pool.
+- A failure inside a check is logged and becomes `temperror`; a failure of signing is
+  logged and the message goes out unsigned (never a lost message).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mx.auth import ip_in
+from mx.config import Config
+from mx.delivery import Envelope, IncomingMessage
+from mx.mailauth import dkim as dkimmod
+from mx.mailauth.check import Verdict, check_message, header_block
+from mx.mailauth.dmarc import from_domains
+from mx.mailauth.keys import KeyStore
+from mx.mailauth.lookup import Lookup
+
+__all__ = ["MailAuth", "KEY_REFRESH"]
+
+log = Logger()
+KEY_REFRESH = 5.0  # seconds between looks for new DKIM keys (INTERFACE.md: SIGHUP at the latest)
+
+
+def _octets(message: IncomingMessage) -> bytes:
+    data = message.in_memory()
+    if data is not None:
+        return data
+    assert message.path is not None
+    return Path(message.path).read_bytes()
+
+
+class MailAuth:
+    def __init__(self, config: Config, reactor: Any, pool: ThreadPool, lookup: Lookup | None = None) -> None:
+        self.config = config
+        self.cfg = config.mailauth
+        self.reactor = reactor
+        self.pool = pool
+        self.lookup = lookup if lookup is not None else Lookup(list(config.dns.nameservers), config.dns.timeout)
+        self.keys = KeyStore(config.data_dir)
+
+    def checks(self, peer_ip: str) -> bool:
+        """Whether mail from this peer is checked (some check on, peer not skipped)."""
+        c = self.cfg
+        return (c.spf or c.dkim or c.dmarc or c.arc) and not ip_in(peer_ip, c.skip_networks)
+
+    def reload_keys(self) -> Deferred[None]:
+        return deferToThreadPool(self.reactor, self.pool, self.keys.reload)
+
+    # -- inbound ------------------------------------------------------------------------
+
+    def check(self, env: Envelope, message: IncomingMessage) -> Deferred[Verdict]:
+        mail_from = str(env.sender or "")
+        d = deferToThreadPool(self.reactor, self.pool, self._check, env, message, mail_from)
+        d.addCallback(self._logged, env)
+        return d
+
+    def _check(self, env: Envelope, message: IncomingMessage, mail_from: str) -> Verdict:
+        return check_message(_octets(message), ip=env.peer_ip, helo=env.helo, mail_from=mail_from, cfg=self.cfg,
+                             authserv_id=self.config.hostname, lookup=self.lookup)
+
+    def _logged(self, verdict: Verdict, env: Envelope) -> Verdict:
+        for error in verdict.errors:
+            log.error("mail authentication of {msgid} failed inside a check: {error}", msgid=env.msgid, error=error)
+        dmarc = verdict.dmarc
+        log.info(
+            "authenticated {msgid} from {peer}: spf={spf} dkim={dkim} dmarc={dmarc} arc={arc} -> {action}",
+            msgid=env.msgid, peer=env.peer_ip,
+            spf=getattr(verdict.spf, "result", "none"),
+            dkim=",".join(getattr(r, "result", "?") for r in verdict.dkim) or "none",
+            dmarc=getattr(dmarc, "result", "none"), arc=getattr(verdict.arc, "result", "none"),
+            action=verdict.action.value, reason=verdict.reason, header_from=getattr(dmarc, "header_from", ""),
+        )
+        return verdict
+
+    # -- outbound -------------------------------------------------------------------------
+
+    def sign(self, env: Envelope, message: IncomingMessage) -> Deferred[bytes]:
+        """The DKIM-Signature headers for a submitted message (b"" without keys for its From)."""
+        d = deferToThreadPool(self.reactor, self.pool, self._sign, message)
+
+        def failed(f: Failure) -> bytes:
+            log.failure("could not DKIM-sign {msgid}; sent unsigned", f, msgid=env.msgid)
+            return b""
+
+        return d.addErrback(failed)
+
+    def _sign(self, message: IncomingMessage) -> bytes:
+        data = _octets(message)
+        domains = from_domains(header_block(data))
+        if len(domains) != 1:
+            return b""
+        keys = self.keys.keys_for(domains[0])
+        return dkimmod.sign(data, domains[0], keys) if keys else b""
