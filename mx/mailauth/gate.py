@@ -27,16 +27,27 @@ from twisted.python.threadpool import ThreadPool
 from mx.auth import ip_in
 from mx.config import Config
 from mx.delivery import Envelope, IncomingMessage
+from mx.mailauth import arc as arcmod
 from mx.mailauth import dkim as dkimmod
-from mx.mailauth.check import Verdict, check_message, header_block
+from mx.mailauth.check import Action, Verdict, check_message, header_block
 from mx.mailauth.dmarc import from_domains
 from mx.mailauth.keys import KeyStore
 from mx.mailauth.lookup import Lookup
+from mx.routing import RemoteRecipient
 
 __all__ = ["MailAuth", "KEY_REFRESH"]
 
 log = Logger()
 KEY_REFRESH = 5.0  # seconds between looks for new DKIM keys (INTERFACE.md: SIGHUP at the latest)
+
+
+def _forwarding_domain(env: Envelope) -> str | None:
+    """The local domain of the first address the message reaches only through forwarding
+    (given as a local address, delivered to a remote one), None when nothing is forwarded."""
+    for rcpt, destinations in env.recipients:
+        if any(isinstance(d, RemoteRecipient) for d in destinations):
+            return rcpt.domain.lower() if rcpt.domain else None
+    return None
 
 
 def _octets(message: IncomingMessage) -> bytes:
@@ -73,8 +84,27 @@ class MailAuth:
         return d
 
     def _check(self, env: Envelope, message: IncomingMessage, mail_from: str) -> Verdict:
-        return check_message(_octets(message), ip=env.peer_ip, helo=env.helo, mail_from=mail_from, cfg=self.cfg,
-                             authserv_id=self.config.hostname, lookup=self.lookup)
+        data = _octets(message)
+        verdict = check_message(data, ip=env.peer_ip, helo=env.helo, mail_from=mail_from, cfg=self.cfg,
+                                authserv_id=self.config.hostname, lookup=self.lookup)
+        forwarder = _forwarding_domain(env)
+        if forwarder is not None and verdict.action is not Action.REJECT:
+            verdict.header = self._sealed(verdict, data, forwarder) + verdict.header
+        return verdict
+
+    def _sealed(self, verdict: Verdict, data: bytes, domain: str) -> bytes:
+        """RFC 8617: mail we forward (an alias with a remote target) gets our ARC set, so the
+        next hop can trust what we verified; sealed with the alias domain's RSA key."""
+        key = next((k for k in self.keys.keys_for(domain) if k.algorithm == "rsa"), None)
+        if key is None:
+            return b""
+        value = verdict.header.split(b":", 1)[1].decode("utf-8", "replace").strip()
+        try:
+            return arcmod.seal(verdict.message if verdict.message is not None else data, value, domain, key,
+                               self.config.hostname)
+        except ValueError as e:
+            verdict.errors.append(f"arc seal: {e}")
+            return b""
 
     def _logged(self, verdict: Verdict, env: Envelope) -> Verdict:
         for error in verdict.errors:
