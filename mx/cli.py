@@ -365,6 +365,7 @@ def cmd_dkim_keygen(config: Config, args: argparse.Namespace) -> None:
     if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*",
                         selector):
         raise CommandError(f"not a selector (letters, digits, hyphens, dots): {selector!r}")
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # a fresh install has none yet
     try:
         path = generate(config.data_dir, domain, selector, args.algorithm)
     except FileExistsError:
