@@ -136,7 +136,7 @@ class MailAuthConfig:
     dmarc: bool = True  # DMARC alignment and policy (RFC 7489)
     arc: bool = True  # ARC chain validation (RFC 8617)
     dmarc_policy: DMARCEnforcement = DMARCEnforcement.ENFORCE
-    reject_spf_fail: bool = False  # 550 5.7.23 for SPF "fail" without a DKIM pass
+    reject_spf_fail: bool = False  # 550 5.7.1 for SPF "fail" without a DKIM pass
     trusted_arc_sealers: tuple[str, ...] = ()  # their passing ARC chain overrides a DMARC fail
     deadline: float = 20.0  # the whole check set of one message
     # Peers whose mail is not checked: programs on this host (cron, a web app) hand mail

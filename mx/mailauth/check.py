@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -117,14 +118,15 @@ def check_message(message: bytes, *, ip: str, helo: str, mail_from: str, cfg: Ma
         domains = guarded("dmarc", [], dmarcmod.from_domains, header_block(message))
         dmarc = guarded("dmarc", None, dmarcmod.evaluate, domains, spf.result if spf is not None else "none",
                         spf_domain, dkim or [], lookup, deadline)
-    header = results.authentication_results(
-        authserv_id, spf=spf, helo_spf=helo_spf, dkim=dkim, dmarc=dmarc, arc=arc,
-        smtp_mailfrom=mail_from, helo=helo,
-    )
-    verdict = Verdict(Action.ACCEPT, header, spf=spf, helo_spf=helo_spf, dkim=dkim or [], arc=arc, dmarc=dmarc,
+    verdict = Verdict(Action.ACCEPT, b"", spf=spf, helo_spf=helo_spf, dkim=dkim or [], arc=arc, dmarc=dmarc,
                       errors=errors)
     verdict.message = results.strip_forged(message, authserv_id)
     _decide(verdict, cfg)
+    # Written after the decision: its dis= says what we did, not what the record asked.
+    verdict.header = results.authentication_results(
+        authserv_id, spf=spf, helo_spf=helo_spf, dkim=dkim, dmarc=verdict.dmarc, arc=arc,
+        smtp_mailfrom=mail_from, helo=helo,
+    )
     return verdict
 
 
@@ -134,10 +136,14 @@ def _decide(v: Verdict, cfg: MailAuthConfig) -> None:
         v.action, v.reason = Action.REJECT, f"SPF fail for {v.spf.domain}"
         return
     d = v.dmarc
-    if d is None or d.result != "fail" or cfg.dmarc_policy is DMARCEnforcement.REPORT:
+    if d is None or d.result != "fail" or d.disposition == dmarcmod.Policy.NONE:
+        return
+    if cfg.dmarc_policy is DMARCEnforcement.REPORT:
+        v.dmarc = dataclasses.replace(d, disposition=dmarcmod.Policy.NONE)  # dis= says what we do
         return
     a = v.arc
     if a is not None and a.result == "pass" and a.sealers and a.sealers[-1] in cfg.trusted_arc_sealers:
+        v.dmarc = dataclasses.replace(d, disposition=dmarcmod.Policy.NONE)
         v.reason = f"DMARC fail for {d.header_from} overridden by the ARC chain of {a.sealers[-1]}"
         return
     if d.disposition == "reject":
