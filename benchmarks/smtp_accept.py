@@ -26,12 +26,24 @@ How to run:
     python3 benchmarks/smtp_accept.py                  # full sweep, both servers
     python3 benchmarks/smtp_accept.py --quick          # 300 msgs, C=1,10, 4 KiB only
     python3 benchmarks/smtp_accept.py --servers aiosmtpd --concurrency 10 --json out.json
+    python3 benchmarks/smtp_accept.py --mailauth --sizes 4096 --concurrency 10,50
+
+--mailauth (issue 10): mx twice per (size, C), inbound checks off ("mx-off": spf = dkim =
+dmarc = arc = false) and on ("mx-on": the default [mailauth], skip_networks = [] so that the
+127.0.0.1 client is checked), against a loopback twisted.names server (a subprocess) that
+serves client.example's SPF (`v=spf1 ip4:127.0.0.1 -all`), DKIM (RSA-2048 at
+sel._domainkey) and DMARC (`p=reject`) records, TTL 1 h.  The load generator sends a pool of
+distinct messages (--pool, 200) DKIM-signed with dkimpy (rsa-sha256, relaxed/relaxed) before
+any timing, From: sender@client.example; before each timed run --warmup messages (C=1,
+untimed, also for mx-off) warm mx's DNS cache.  After each run every delivered file is read:
+mx-on's must all carry Authentication-Results with spf=pass, dkim=pass and dmarc=pass, and
+mx-off's none.  The table adds on/off (throughput ratio) and cost % (1 - on/off).
 
 Reference figures (from the issue), on this kind of 2-core machine: Postfix ~520-600
 durable msg/s at C=10..50; aiosmtpd with fsync ~440-490 msg/s.  mx's target is 2x that,
 with p99 < 100 ms at C=50.  Figures are noisy on a shared VM: compare within one run.
 """
-import argparse, asyncio, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, base64, json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -102,6 +114,168 @@ async def main():
 
 asyncio.run(main())
 '''
+
+
+# --- --mailauth: a loopback DNS server and DKIM-signed messages ----------------------------
+
+DKIM_DOMAIN, DKIM_SELECTOR = "client.example", "sel"
+DNS_TTL = 3600
+
+# argv: zone JSON ({"origin": ..., "txt": {name: [strings]}}), query log path.  Prints the
+# port (UDP and TCP) on stdout once listening; writes "<name> <type>" per question to the log.
+DNS_SERVER = r"""
+import json, sys
+from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
+from twisted.names import authority, dns, server
+
+zone = json.load(open(sys.argv[1]))
+qlog = open(sys.argv[2], "a", buffering=1)
+origin, ttl = zone["origin"].encode(), zone["ttl"]
+
+class Zone(authority.FileAuthority):
+    def __init__(self):
+        super().__init__(None)
+
+    def loadFile(self, _):
+        soa = dns.Record_SOA(mname=b"ns." + origin, rname=b"root." + origin, serial=1,
+                             refresh=ttl, retry=ttl, expire=ttl, minimum=ttl, ttl=ttl)
+        self.soa = (origin, soa)
+        self.records = {origin: [soa]}
+        for name, strings in zone["txt"].items():
+            self.records.setdefault(name.lower().encode(), []).append(
+                dns.Record_TXT(*[x.encode() for x in strings], ttl=ttl))
+
+class Factory(server.DNSServerFactory):
+    noisy = False
+
+    def handleQuery(self, message, protocol, address):
+        for q in message.queries:
+            qlog.write("%s %s\n" % (q.name.name.decode("latin-1").lower(),
+                                    dns.QUERY_TYPES.get(q.type, q.type)))
+        super().handleQuery(message, protocol, address)
+
+factory = Factory(authorities=[Zone()])
+udp = dns.DNSDatagramProtocol(controller=factory)
+udp.noisy = False
+for _ in range(50):  # TCP first: a failed UDP bind leaves `udp` unattached
+    tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port = tcp.getHost().port
+    try:
+        reactor.listenUDP(port, udp, interface="127.0.0.1")
+        break
+    except CannotListenError:
+        tcp.stopListening()
+else:
+    sys.exit("no port free for both UDP and TCP")
+print(port, flush=True)
+reactor.run()
+"""
+
+
+def txt_strings(value, width=250):
+    """A TXT value as the <=255-octet character-strings a record holds."""
+    return [value[i:i + width] for i in range(0, len(value), width)] or [""]
+
+
+class MailAuthFixture:
+    """The sending domain's key, its DNS server (a subprocess) and the signed message pool."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        self.tmp = tempfile.mkdtemp(prefix="smtp_accept_dns_")
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.private_pem = key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.TraditionalOpenSSL,
+                                             serialization.NoEncryption())
+        spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.txt = {
+            DKIM_DOMAIN: ["v=spf1 ip4:127.0.0.1 -all"],
+            "%s._domainkey.%s" % (DKIM_SELECTOR, DKIM_DOMAIN):
+                txt_strings("v=DKIM1; k=rsa; p=" + base64.b64encode(spki).decode()),
+            "_dmarc." + DKIM_DOMAIN: ["v=DMARC1; p=reject"],
+        }
+        self.zone_path = os.path.join(self.tmp, "zone.json")
+        with open(self.zone_path, "w") as f:
+            json.dump({"origin": DKIM_DOMAIN, "ttl": DNS_TTL, "txt": self.txt}, f)
+        self.qlog = os.path.join(self.tmp, "queries.log")
+        open(self.qlog, "w").close()
+        self.proc = None
+        self.port = None
+
+    def start(self):
+        env = dict(os.environ)
+        self.proc = subprocess.Popen([sys.executable, "-c", DNS_SERVER, self.zone_path, self.qlog],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError("DNS server did not start (exit %s)" % self.proc.poll())
+        self.port = int(line)
+        self.check()
+
+    def check(self):
+        """Ask our server for each record with dnspython, as mx will (TCP too: big TXT)."""
+        import dns.flags
+        import dns.message
+        import dns.query
+        for name, strings in self.txt.items():
+            q = dns.message.make_query(name, "TXT")
+            r = dns.query.udp(q, "127.0.0.1", timeout=5, port=self.port)
+            if r.flags & dns.flags.TC or not r.answer:
+                r = dns.query.tcp(q, "127.0.0.1", timeout=5, port=self.port)
+            got = [b"".join(rd.strings).decode() for rr in r.answer for rd in rr]
+            if got != ["".join(strings)]:
+                raise RuntimeError("DNS server answers %r for %s" % (got, name))
+
+    def queries(self):
+        """Questions the DNS server got so far (lines of its log)."""
+        with open(self.qlog) as f:
+            return [line.split() for line in f if line.strip()]
+
+    def sign_pool(self, size, count):
+        """`count` distinct messages of about `size` bytes, DKIM-signed, "."-terminated."""
+        import dkim
+        pool = []
+        for i in range(count):
+            raw = make_message(size, seq=i)[:-3]  # without the ".\r\n"
+            sig = dkim.sign(raw, DKIM_SELECTOR.encode(), DKIM_DOMAIN.encode(), self.private_pem,
+                            canonicalize=(b"relaxed", b"relaxed"),
+                            include_headers=[b"from", b"to", b"subject", b"date", b"message-id",
+                                             b"mime-version", b"content-type"])
+            pool.append(sig + raw + b".\r\n")
+        return pool
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cleanup(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+AUTH_RESULTS = re.compile(rb"^Authentication-Results:(.*(?:\r?\n[ \t].*)*)", re.M | re.I)
+
+
+def auth_results_of(path):
+    """The Authentication-Results header values in the header of the file at `path`."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 16)
+    head = re.split(rb"\r?\n\r?\n", data, 1)[0]
+    return [re.sub(rb"\s+", b" ", m.group(1)).strip().decode("latin-1")
+            for m in AUTH_RESULTS.finditer(head)]
+
+
+def auth_passes(values):
+    """Whether one of the headers says spf=pass, dkim=pass and dmarc=pass."""
+    return any(all(re.search(r"\b%s=pass\b" % k, v) for k in ("spf", "dkim", "dmarc"))
+               for v in values)
 
 
 def free_port():
@@ -204,11 +378,22 @@ class Server:
 class MxServer(Server):
     name = "mx"
     maildir = "data/mail/example.test/bench/new"
+    mailauth = None  # None: mx's defaults (loopback skipped); "on"/"off": see --mailauth
+    dns_port = None  # set by main() for --mailauth: the loopback DNS server
+
+    def config_text(self):
+        text = MX_TOML.format(port=self.port)
+        if self.mailauth:
+            text += '[dns]\nnameservers = ["127.0.0.1:%d"]\ntimeout = "5s"\n' % self.dns_port
+            text += "[mailauth]\nskip_networks = []\n"  # check the 127.0.0.1 client too
+            if self.mailauth == "off":
+                text += "spf = false\ndkim = false\ndmarc = false\narc = false\n"
+        return text
 
     def prepare(self):
         self.config = os.path.join(self.tmp, "mx.toml")
         with open(self.config, "w") as f:
-            f.write(MX_TOML.format(port=self.port))
+            f.write(self.config_text())
         # = `mx --config ... user add`, but with this interpreter (no PATH/shim surprises).
         cmd = [sys.executable, "-c", "import sys; from mx.cli import main; sys.exit(main())"]
         r = subprocess.run(cmd + ["--config", self.config, "user", "add", RCPT],
@@ -238,18 +423,31 @@ class AiosmtpdServer(Server):
         return [sys.executable, "-c", AIOSMTPD_SERVER, str(self.port), maildir]
 
 
-SERVERS = {"mx": MxServer, "aiosmtpd": AiosmtpdServer}
+class MxChecksOn(MxServer):
+    name = "mx-on"
+    mailauth = "on"
+
+
+class MxChecksOff(MxServer):
+    name = "mx-off"
+    mailauth = "off"
+
+
+SERVERS = {"mx": MxServer, "aiosmtpd": AiosmtpdServer, "mx-on": MxChecksOn,
+           "mx-off": MxChecksOff}
 
 # --- Load generator --------------------------------------------------------------------
 
 
-def make_message(size):
+def make_message(size, seq=None):
     """An RFC 5322 message of about `size` bytes: a few headers, 76-char CRLF lines,
-    already terminated with CRLF.CRLF.  No line starts with '.', so no dot-stuffing."""
-    head = ("From: Bench <%s>\r\nTo: <%s>\r\nSubject: smtp_accept benchmark\r\n"
-            "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\nMessage-ID: <bench@client.example>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
-            % (SENDER, RCPT)).encode()
+    already terminated with CRLF.CRLF.  No line starts with '.', so no dot-stuffing.
+    With `seq`, the Message-ID and the first body line carry it (distinct messages)."""
+    tag = "" if seq is None else ".%d" % seq
+    head = ("From: Bench <%s>\r\nTo: <%s>\r\nSubject: smtp_accept benchmark%s\r\n"
+            "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\nMessage-ID: <bench%s@client.example>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n%s"
+            % (SENDER, RCPT, tag, tag, "" if seq is None else "message %d\r\n" % seq)).encode()
     text = b"abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 " * 3
     nlines = max(0, size - len(head) + 77) // 78  # 76 chars + CRLF per line
     return head + b"".join(text[i % 64:i % 64 + 76] + b"\r\n" for i in range(nlines)) + b".\r\n"
@@ -267,8 +465,9 @@ async def read_reply(reader):
             return int(line[:3]), b"".join(lines).decode("latin-1").strip()
 
 
-async def client(port, message, budget, stats):
-    """One connection: send messages while the shared budget lasts."""
+async def client(port, messages, budget, stats):
+    """One connection: send messages while the shared budget lasts (message i of the run
+    is messages[i % len(messages)])."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         code, text = await read_reply(reader)
@@ -284,6 +483,7 @@ async def client(port, message, budget, stats):
                     b"RCPT TO:<%s>\r\n" % RCPT.encode(), b"DATA\r\n"]
         while budget[0] > 0:
             budget[0] -= 1  # claim a message; single-threaded, so no lock needed
+            message = messages[budget[0] % len(messages)]
             t0 = time.perf_counter()
             codes = []
             if pipelining:
@@ -318,11 +518,11 @@ def percentile(sorted_values, p):
     return sorted_values[min(len(sorted_values) - 1, int(p / 100.0 * len(sorted_values)))]
 
 
-async def load(port, message, n, concurrency, timeout):
+async def load(port, messages, n, concurrency, timeout):
     budget = [n]
     stats = {"ok": 0, "latencies": [], "errors": [], "pipelining": None, "aborted": False}
     t0 = time.perf_counter()
-    tasks = [asyncio.ensure_future(client(port, message, budget, stats))
+    tasks = [asyncio.ensure_future(client(port, messages, budget, stats))
              for _ in range(concurrency)]
     done, pending = await asyncio.wait(tasks, timeout=timeout)
     stats["elapsed"] = time.perf_counter() - t0
@@ -337,23 +537,52 @@ async def load(port, message, n, concurrency, timeout):
     return stats
 
 
-def run_one(server_cls, size, concurrency, n, timeout):
-    """One fresh server process + one load run; returns a result dict."""
+def check_auth_headers(srv, res):
+    """--mailauth: read every delivered file; count those whose Authentication-Results say
+    spf=pass dkim=pass dmarc=pass, and those with any Authentication-Results at all."""
+    names = sorted(os.listdir(srv.maildir_new)) if os.path.isdir(srv.maildir_new) else []
+    passing = with_header = 0
+    sample = None
+    for name in names:
+        values = auth_results_of(os.path.join(srv.maildir_new, name))
+        with_header += bool(values)
+        passing += auth_passes(values)
+        if values and (sample is None or not auth_passes(values)):
+            sample = values  # the first failing one, else the first
+    res.update(auth_files=len(names), auth_pass=passing, auth_header=with_header,
+               auth_sample=sample)
+
+
+def run_one(server_cls, size, concurrency, n, timeout, messages=None, warmup=0,
+            fixture=None):
+    """One fresh server process + one load run; returns a result dict.  `messages` is the
+    pool to send (default: one plain message of `size`); `warmup` messages go first, C=1,
+    outside the figures; with `fixture` (--mailauth) the delivered files' headers and the
+    DNS questions asked during the timed run are recorded."""
     res = {"server": server_cls.name, "size": size, "concurrency": concurrency,
-           "messages": n}
+           "messages": n, "warmup": warmup}
+    messages = messages or [make_message(size)]
     srv = server_cls()
     try:
         srv.start()
+        if warmup:
+            w = asyncio.run(load(srv.port, messages, warmup, 1, timeout))
+            if w["ok"] != warmup:
+                raise RuntimeError("warm-up: %d of %d got 250: %s"
+                                   % (w["ok"], warmup, "; ".join(w["errors"][:3])))
+        q0 = len(fixture.queries()) if fixture else 0
         cpu0 = srv.cpu_seconds()
         client_cpu0 = time.process_time()
-        stats = asyncio.run(load(srv.port, make_message(size), n, concurrency, timeout))
+        stats = asyncio.run(load(srv.port, messages, n, concurrency, timeout))
         client_cpu = time.process_time() - client_cpu0
         # A server may move mail into the Maildir after the 250 (e.g. from a queue): wait
         # (bounded) for the files to show up, and read CPU only then so that work counts.
         deadline = time.monotonic() + 15
-        while count_files(srv.maildir_new) < stats["ok"] and time.monotonic() < deadline:
+        while count_files(srv.maildir_new) < stats["ok"] + warmup and time.monotonic() < deadline:
             time.sleep(0.1)
-        files = count_files(srv.maildir_new)
+        files = count_files(srv.maildir_new) - warmup
+        if fixture:
+            res["dns_queries"] = len(fixture.queries()) - q0
         # Cheap content check: every stored file must hold at least the whole message.
         short = sum(1 for e in os.scandir(srv.maildir_new) if e.stat().st_size < size - 3) \
             if files else 0
@@ -372,6 +601,8 @@ def run_one(server_cls, size, concurrency, n, timeout):
             client_cpu_s_per_1k=client_cpu / ok * 1000 if ok else float("nan"),
             peak_rss_mib=srv.peak_rss_mib(), maildir_files=files, short_files=short,
             pipelining=stats["pipelining"])
+        if fixture:
+            check_auth_headers(srv, res)
     except Exception as e:  # report and go on with the other runs
         res.update(ok=0, failures=n, aborted=True, errors=[str(e)], msgs_per_s=0.0)
     finally:
@@ -406,9 +637,30 @@ def describe(r):
     if r["short_files"]:
         s += "\n    WARNING: %d files in Maildir new/ are shorter than the message sent" % (
             r["short_files"])
+    if "auth_files" in r:
+        s += "\n    %d files: %d with spf=pass dkim=pass dmarc=pass, %d with Authentication-" \
+             "Results; %d DNS questions in the timed run" % (
+                 r["auth_files"], r["auth_pass"], r["auth_header"], r["dns_queries"])
+        want = r["auth_files"] if r["server"] == "mx-on" else 0
+        if (r["auth_pass"] if want else r["auth_header"]) != want:
+            s += "\n    WARNING: expected %s" % (
+                "every file to pass SPF, DKIM and DMARC" if want else "no Authentication-Results")
+        if r["auth_sample"]:
+            s += "\n    Authentication-Results:%s %s" % (
+                " (failing)" if want and not auth_passes(r["auth_sample"]) else "",
+                " || ".join(r["auth_sample"]))
     for line in r["log_errors"][:5]:
         s += "\n    server log: " + line[:300]
     return s
+
+
+def auth_ok(r):
+    """--mailauth: the delivered files say what they should (see describe)."""
+    if "auth_files" not in r:  # not --mailauth, or the run failed (counted as such)
+        return True
+    if r["server"] == "mx-on":
+        return r["auth_files"] > 0 and r["auth_pass"] == r["auth_files"]
+    return r["auth_header"] == 0
 
 
 def table(results, servers):
@@ -417,11 +669,14 @@ def table(results, servers):
     cols = ("msg/s", "p50 ms", "p99 ms", "CPU/1k", "RSS MiB")
     group = len(cols) * 9  # each cell is " %8s"
     both = "mx" in servers and "aiosmtpd" in servers
+    onoff = "mx-on" in servers and "mx-off" in servers
     top = "%12s" % "" + "".join(" " + (" %s " % s).center(group - 1, "-") for s in servers)
     head = "%7s %4s" % ("size", "C") + "".join(
         "".join(" %8s" % c for c in cols) for _ in servers)
     if both:
         head += " %8s" % "mx/aio"
+    if onoff:
+        head += " %8s %8s %8s" % ("on/off", "cost %", "CPU +")
     out = [top, head, "-" * len(head)]
     for size, c in rows:
         line = "%7s %4d" % ("%dK" % (size // 1024) if size >= 1024 else size, c)
@@ -438,16 +693,28 @@ def table(results, servers):
             a, b = by_key.get(("mx", size, c)), by_key.get(("aiosmtpd", size, c))
             ok = all(x and "p50_ms" in x and x["msgs_per_s"] for x in (a, b))
             line += " %8s" % ("%.2f" % (a["msgs_per_s"] / b["msgs_per_s"]) if ok else "-")
+        if onoff:
+            a, b = by_key.get(("mx-on", size, c)), by_key.get(("mx-off", size, c))
+            if all(x and "p50_ms" in x and x["msgs_per_s"] for x in (a, b)):
+                ratio = a["msgs_per_s"] / b["msgs_per_s"]
+                line += " %8.2f %8.1f %8.2f" % (ratio, (1 - ratio) * 100,
+                                                a["cpu_s_per_1k"] - b["cpu_s_per_1k"])
+            else:
+                line += " %8s %8s %8s" % ("-", "-", "-")
         out.append(line)
     out.append("CPU/1k = server CPU s per 1,000 msgs; RSS = peak VmHWM; "
                "! = run aborted or had failures")
+    if onoff:
+        out.append("on/off = mx-on msg/s / mx-off msg/s; cost % = 1 - on/off; "
+                   "CPU + = CPU/1k on - off (s per 1,000 msgs)")
     return "\n".join(out)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda s: [int(x) for x in s.split(",") if x]
-    ap.add_argument("--servers", default="mx,aiosmtpd")
+    ap.add_argument("--servers", default=None,
+                    help="default mx,aiosmtpd; with --mailauth mx-off,mx-on")
     ap.add_argument("--concurrency", type=ints, default=None, help="default 1,10,50")
     ap.add_argument("--messages", type=int, default=None, help="default 2000")
     ap.add_argument("--sizes", type=ints, default=None, help="default 4096,102400")
@@ -455,31 +722,68 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="300 messages, C=1,10, 4 KiB only (explicit flags still win)")
     ap.add_argument("--json", metavar="PATH", help="dump raw results as JSON")
+    ap.add_argument("--mailauth", action="store_true",
+                    help="mx with inbound checks off and on (servers mx-off,mx-on), loopback "
+                         "DNS, DKIM-signed messages; see the module docstring")
+    ap.add_argument("--pool", type=int, default=200,
+                    help="--mailauth: distinct signed messages per size (default 200)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed messages (C=1) before each run (default 20 with "
+                         "--mailauth, else 0)")
     a = ap.parse_args()
     conc = a.concurrency or ([1, 10] if a.quick else [1, 10, 50])
     n = a.messages or (300 if a.quick else 2000)
     sizes = a.sizes or ([4096] if a.quick else [4096, 102400])
-    servers = [s for s in a.servers.split(",") if s]
+    servers_arg = a.servers or ("mx-off,mx-on" if a.mailauth else "mx,aiosmtpd")
+    servers = [s for s in servers_arg.split(",") if s]
     if set(servers) - set(SERVERS):
-        ap.error("unknown server in %r (choose from %s)" % (a.servers, ", ".join(SERVERS)))
+        ap.error("unknown server in %r (choose from %s)" % (servers_arg, ", ".join(SERVERS)))
+    if not a.mailauth and {"mx-on", "mx-off"} & set(servers):
+        ap.error("mx-on and mx-off need --mailauth (their DNS server)")
+    warmup = a.warmup if a.warmup is not None else (20 if a.mailauth else 0)
 
+    fixture = MailAuthFixture() if a.mailauth else None
+    pools = {}
     results = []
-    # Interleave servers within each (size, C) so slow drift of the machine (page cache,
-    # disk) affects both sides alike.  Fresh server process per (server, size, C): clean
-    # peak RSS and an empty Maildir for every run.
-    for size in sizes:
-        for c in conc:
-            for s in servers:
-                r = run_one(SERVERS[s], size, c, n, a.timeout)
-                results.append(r)
-                print(describe(r), file=sys.stderr, flush=True)
+    try:
+        if fixture:
+            fixture.start()
+            MxServer.dns_port = fixture.port
+            for size in sizes:  # signed before any timing: client CPU is not the server's
+                t0 = time.process_time()
+                pools[size] = fixture.sign_pool(size, a.pool)
+                print("signed %d messages of %d bytes (RSA-2048) in %.1f s CPU; DNS on "
+                      "127.0.0.1:%d" % (a.pool, size, time.process_time() - t0, fixture.port),
+                      file=sys.stderr, flush=True)
+        # Interleave servers within each (size, C) so slow drift of the machine (page cache,
+        # disk) affects both sides alike.  Fresh server process per (server, size, C): clean
+        # peak RSS and an empty Maildir for every run.
+        for size in sizes:
+            for c in conc:
+                for s in servers:
+                    r = run_one(SERVERS[s], size, c, n, a.timeout, messages=pools.get(size),
+                                warmup=warmup, fixture=fixture)
+                    results.append(r)
+                    print(describe(r), file=sys.stderr, flush=True)
+    finally:
+        if fixture:
+            fixture.stop()
+            fixture.cleanup()
     print()
-    print("%d messages per run, %s" % (n, time.strftime("%Y-%m-%d %H:%M")))
+    print("%d messages per run%s, %s" % (
+        n, " (after %d untimed)" % warmup if warmup else "", time.strftime("%Y-%m-%d %H:%M")))
     print(table(results, servers))
+    if a.mailauth:
+        for r in results:
+            if "auth_files" in r and not auth_ok(r):
+                print("AUTH CHECK FAILED: %s size=%d C=%d: %d of %d files pass, %d with "
+                      "Authentication-Results" % (r["server"], r["size"], r["concurrency"],
+                                                   r["auth_pass"], r["auth_files"],
+                                                   r["auth_header"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
-    bad = any(r["failures"] or r["aborted"] for r in results)
+    bad = any(r["failures"] or r["aborted"] or not auth_ok(r) for r in results)
     return 1 if bad else 0
 
 

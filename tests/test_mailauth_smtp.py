@@ -802,6 +802,138 @@ class OutboundTests(MailAuthCase):
         self.verify_with_dkimpy(content, {"new1": "ed25519-sha256", "new2": "rsa-sha256"})
 
 
+# --- forwarding: an alias with a remote target, ARC-sealed on the way out -------------------------
+
+FWD, FWD_TARGET = "fwd@example.test", "someone@remote.test"
+_FIELD = re.compile(rb"([^\s:]+)[ \t]*:((?:[^\r\n]*\r\n)(?:[ \t][^\r\n]*\r\n)*)")
+
+
+def header_fields(content: bytes) -> list[tuple[str, bytes]]:
+    """The message's header fields in order: (lower-case name, raw value with its folds)."""
+    return [(m.group(1).decode("ascii").lower(), m.group(2)) for m in _FIELD.finditer(header_block(content))]
+
+
+def ar_results(value: bytes) -> tuple[str, list[tuple[str, str, str | None, list[tuple[str, str, str]]]]]:
+    """(authserv-id, [(method, result, reason, [(ptype, property, value)])]) of an
+    Authentication-Results value, as authres reads it."""
+    parsed = authres.AuthenticationResultsHeader.parse(
+        "Authentication-Results: " + " ".join(value.decode("utf-8").split()))
+    return parsed.authserv_id, [
+        (r.method, r.result, r.reason, sorted((p.type, p.name, p.value) for p in r.properties))
+        for r in parsed.results
+    ]
+
+
+class ForwardingTests(MailAuthCase):
+    """Inbound mail on the smtp port for an alias whose target is remote: relayed with our ARC set
+    (RFC 8617) sealed with example.test's RSA key, checked at the remote MX with dkimpy."""
+
+    # the key helpers of OutboundTests, on this class's own zone (self.zone, self.keyzone)
+    new_key = OutboundTests.new_key
+    dnsfunc = OutboundTests.dnsfunc
+    relayed = OutboundTests.relayed
+
+    async def start(self, *, with_key: bool) -> Any:
+        self.dns_port, self.dns, self.zone = serve_zone(self, inbound_zone() + [
+            ("remote.test", tdns.Record_MX(10, REMOTE_NAME.encode())),
+            (REMOTE_NAME, tdns.Record_A(REMOTE_HOST)),
+        ])
+        # what dkimpy at the remote MX may look up: the sender's key and ours
+        self.keyzone: dict[str, str] = {"sel1._domainkey.good.test": key_value("good")}
+        self.relay_port = common_free_port((REMOTE_HOST,))
+        extra = (f'[relay]\nport = {self.relay_port}\nretry = ["1m"]\n\n'
+                 f'[dns]\nnameservers = ["127.0.0.1:{self.dns_port}"]\ntimeout = "1s"\n\n'
+                 "[mailauth]\nskip_networks = []\n")
+        self.config = make_config(self, listen={"smtp": "tcp:0:interface=127.0.0.1"},
+                                  aliases={FWD: [FWD_TARGET]}, extra=extra)
+        add_users(self.config, {ALICE: ALICE_PW})
+        if with_key:
+            self.new_key("arc1", "rsa")
+        self.remote = start_remote_mx(self, REMOTE_HOST, self.relay_port, REMOTE_NAME,
+                                      handler=RecordingHandler(REMOTE_HOST))
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        self.mail = await start_mail_service(self, self.config, clock=self.clock, timeouts=FAST)
+        return self.mail
+
+    async def forward(self, subject: str) -> tuple[bytes, bytes]:
+        """news@good.test (SPF, DKIM and DMARC pass) writes to the alias; (the client's bytes,
+        what the remote MX received)."""
+        message = dkim_signed(compose("news@good.test", subject, to=FWD), "good.test", "sel1", "good")
+        out = await self.thread(send, self.mail.smtp_port, "news@good.test", [FWD], message)
+        self.assertEqual(out["mail"][0], 250, out)
+        self.assertEqual([r[0] for r in out["rcpt"]], [250], out)
+        self.assertEqual(out["data"][0], 250, out)
+        stored = await self.relayed()
+        self.assertEqual((stored.sender, stored.rcpts), ("news@good.test", [FWD_TARGET]))
+        self.assertEqual(sorted(p for p in (self.config.data_dir / "mail").glob("**/new/*") if p.is_file()), [])
+        content = stored.content
+        self.assertTrue(content.endswith(message), content[-300:])  # the client's bytes, untouched
+        # the sender's own signature still verifies at the remote (ARC headers are not DKIM-Signatures)
+        self.assertTrue(dkim.verify(content, dnsfunc=self.dnsfunc), "good.test's DKIM signature broke")
+        return message, content
+
+    def our_results(self, fields: list[tuple[str, bytes]]) -> bytes:
+        ours = [v for n, v in fields if n == "authentication-results" and ar_results(v)[0] == HOSTNAME]
+        self.assertEqual(len(ours), 1, fields)
+        return ours[0]
+
+    async def test_forwarded_mail_is_arc_sealed_and_verifies_at_the_remote(self) -> None:
+        await self.start(with_key=True)
+        message, content = await self.forward("to be forwarded")
+        fields = header_fields(content)
+        added = [n for n, _v in fields[:len(fields) - len(header_fields(message))]]
+        # ours on top of the client's header: trace, then the ARC set, then our results
+        self.assertEqual(added[-4:], ["arc-seal", "arc-message-signature", "arc-authentication-results",
+                                      "authentication-results"], added)
+        self.assertEqual([n for n, _v in fields if n.startswith("arc-")],
+                         ["arc-seal", "arc-message-signature", "arc-authentication-results"])
+        values = {n: v for n, v in fields if n.startswith("arc-")}
+        seal_tags = tags(values["arc-seal"])
+        ams_tags = tags(values["arc-message-signature"])
+        self.assertEqual((seal_tags[b"i"], seal_tags[b"d"], seal_tags[b"cv"], seal_tags[b"s"], seal_tags[b"a"]),
+                         (b"1", b"example.test", b"none", b"arc1", b"rsa-sha256"), seal_tags)
+        self.assertEqual((ams_tags[b"i"], ams_tags[b"d"], ams_tags[b"s"], ams_tags[b"a"]),
+                         (b"1", b"example.test", b"arc1", b"rsa-sha256"), ams_tags)
+        aar = values["arc-authentication-results"]
+        m = re.match(rb"\s*i\s*=\s*1\s*;", aar)
+        self.assertIsNotNone(m, aar)
+        assert m is not None
+        # what we sealed is what we found: the same results as our Authentication-Results
+        header = self.our_results(fields)
+        self.assertIn(b"spf=pass smtp.mailfrom=news@good.test", flat(header))
+        self.assertIn(b"dkim=pass header.d=good.test", flat(header))
+        self.assertIn(b"dmarc=pass", flat(header))
+        sealed_id, sealed = ar_results(aar[m.end():])
+        found_id, found = ar_results(header)
+        self.assertEqual(sealed_id, HOSTNAME)
+        for method in ("spf", "dkim", "dmarc"):
+            self.assertEqual([r for r in sealed if r[0] == method], [r for r in found if r[0] == method], method)
+            self.assertTrue([r for r in found if r[0] == method], method)
+        self.assertEqual(sealed, found)
+        # dkimpy, an independent verifier, with the key as published
+        cv, results, reason = await self.thread(functools.partial(dkim.arc_verify, content, dnsfunc=self.dnsfunc))
+        self.assertEqual(cv, dkim.CV_Pass, (reason, results))
+        self.assertEqual([r["instance"] for r in results], [1], results)
+        # and the seal covers the body: a changed message no longer passes
+        changed = content.replace(b"Hello, this is a test message.", b"Hello, this is a changed message.")
+        self.assertNotEqual(changed, content)
+        cv, _results, reason = await self.thread(functools.partial(dkim.arc_verify, changed, dnsfunc=self.dnsfunc))
+        self.assertEqual(cv, dkim.CV_Fail, reason)
+
+    async def test_without_an_rsa_key_forwarded_mail_goes_unsealed(self) -> None:
+        await self.start(with_key=False)
+        self.assertEqual(self.mail.mailauth.keys.keys_for("example.test"), [])
+        _message, content = await self.forward("forwarded without a key")
+        fields = header_fields(content)
+        self.assertEqual([n for n, _v in fields if n.startswith("arc-")], [], fields)
+        header = self.our_results(fields)
+        self.assertIn(b"spf=pass smtp.mailfrom=news@good.test", flat(header))
+        self.assertIn(b"dmarc=pass", flat(header))
+        cv, _results, _reason = await self.thread(functools.partial(dkim.arc_verify, content, dnsfunc=self.dnsfunc))
+        self.assertEqual(cv, dkim.CV_None)
+
+
 # --- the commands: mx dkim keygen, mx dns-records ------------------------------------------------
 
 

@@ -77,8 +77,18 @@ def _oldest_pass(results: list[dict]) -> int:
     return 0
 
 
+_ARC_FIELD = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
+
+
+def _header_end(message: bytes) -> int:
+    ends = [i for i in (message.find(b"\n\r\n"), message.find(b"\n\n")) if i >= 0]
+    return min(ends) + 1 if ends else len(message)
+
+
 def verify_chain(message: bytes, lookup: Lookup, deadline: Deadline | None = None) -> ARCResult:
     """Validate the ARC chain of `message` (RFC 8617 §5.2)."""
+    if not _ARC_FIELD.search(message, 0, _header_end(message)):
+        return ARCResult("none", 0, reason="no ARC headers")  # most mail: no second parse
     try:
         a = dkim.ARC(message, minkey=MIN_RSA_BITS, logger=QUIET)
         max_instance, sealers, aar = _sets(a)

@@ -40,12 +40,16 @@ from dataclasses import dataclass
 
 import dkim
 from cryptography.hazmat.primitives import serialization
+
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from mx.mailauth import fastrsa
 from mx.mailauth.keys import SigningKey, normalize_domain
 from mx.mailauth.lookup import BadName, Deadline, Lookup, TempError
+
+fastrsa.install()  # OpenSSL's RSA for dkimpy's verifier (see mx.mailauth.fastrsa)
 
 __all__ = ["DKIMResult", "MAX_SIGNATURES", "OVERSIGNED", "SIGNED", "sign", "signed_headers", "verify_all"]
 
