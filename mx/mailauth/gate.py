@@ -7,8 +7,11 @@ reading a spilled message) and return Deferreds. The DKIM keys are re-read every
 `KEY_REFRESH` seconds and on `reload_keys()` (SIGHUP).
 
 Invariants:
-- Nothing here blocks the reactor: the message octets (in memory or a spill file), DNS and
-  signatures are all handled in the pool.
+- Nothing here blocks the reactor: the message octets of a spilled message, DNS and
+  signatures are all handled in the pool. One exception, for speed: a message in memory
+  (at most `INLINE_MAX`) whose every lookup is cached is checked on the reactor thread
+  against the cache alone (`CacheOnly`: no I/O; a miss raises `WouldBlock` and the whole
+  check is redone in the pool), as SMTP parsing is: CPU only, about 0.4 ms.
 - A failure inside a check is logged and becomes `temperror`; a failure of signing is
   logged and the message goes out unsigned (never a lost message).
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,12 +35,13 @@ from mx.mailauth import dkim as dkimmod
 from mx.mailauth.check import Action, Verdict, check_message, header_block
 from mx.mailauth.dmarc import from_domains
 from mx.mailauth.keys import KeyStore
-from mx.mailauth.lookup import Lookup
+from mx.mailauth.lookup import Lookup, WouldBlock
 from mx.routing import RemoteRecipient
 
 __all__ = ["MailAuth", "KEY_REFRESH"]
 
 log = Logger()
+INLINE_MAX = 64 * 1024  # larger messages are always checked in the pool (canonicalisation time)
 KEY_REFRESH = 5.0  # seconds between looks for new DKIM keys (INTERFACE.md: SIGHUP at the latest)
 
 
@@ -65,6 +69,7 @@ class MailAuth:
         self.reactor = reactor
         self.pool = pool
         self.lookup = lookup if lookup is not None else Lookup(list(config.dns.nameservers), config.dns.timeout)
+        self.cached = self.lookup.cache_only()
         self.keys = KeyStore(config.data_dir)
 
     def checks(self, peer_ip: str) -> bool:
@@ -79,6 +84,17 @@ class MailAuth:
 
     def check(self, env: Envelope, message: IncomingMessage) -> Deferred[Verdict]:
         mail_from = str(env.sender or "")
+        data = message.in_memory()
+        if data is not None and len(data) <= INLINE_MAX and _forwarding_domain(env) is None:
+            # Every answer cached (a sender seen before): checked here, with no I/O at all,
+            # which saves the thread round trip; the first miss sends it all to the pool.
+            try:
+                verdict = check_message(data, ip=env.peer_ip, helo=env.helo, mail_from=mail_from, cfg=self.cfg,
+                                        authserv_id=self.config.hostname, lookup=self.cached)
+            except WouldBlock:
+                pass
+            else:
+                return succeed(self._logged(verdict, env))
         d = deferToThreadPool(self.reactor, self.pool, self._check, env, message, mail_from)
         d.addCallback(self._logged, env)
         return d

@@ -49,7 +49,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-__all__ = ["Answer", "BadName", "Deadline", "Lookup", "TempError"]
+__all__ = ["Answer", "BadName", "CacheOnly", "Deadline", "Lookup", "TempError", "WouldBlock"]
 
 Clock = Callable[[], float]
 
@@ -121,6 +121,13 @@ def _qname(name: str) -> dns.name.Name:
     return dns.name.Name([*labels, b""])  # labels taken as they are: no escapes interpreted
 
 
+def _reverse(ip: str) -> dns.name.Name:
+    try:
+        return dns.reversename.from_address(ip)
+    except (ValueError, dns.exception.SyntaxError) as e:
+        raise BadName(f"not an IP address: {ip!r}") from e
+
+
 def _host(name: dns.name.Name) -> str:
     """The name's labels joined by dots, lower-case, unescaped (the inverse of `_qname`)."""
     return ".".join(label.decode("latin-1") for label in name.labels if label).lower()
@@ -175,6 +182,13 @@ class _Flight:
         self.shared = False  # False: the asker's own deadline cut it short; ask again
 
 
+class WouldBlock(BaseException):
+    """A `CacheOnly` lookup missed: the caller redoes the whole check in a thread.
+
+    A BaseException on purpose: the checks catch `Exception` to turn surprises into
+    temperror, and this must pass through all of them unchanged."""
+
+
 class Lookup:
     """Stub resolver over `nameservers` (empty: the system's, from /etc/resolv.conf)."""
 
@@ -219,15 +233,25 @@ class Lookup:
 
     def ptr(self, ip: str, deadline: Deadline | None = None) -> Answer:
         """The PTR names of address `ip` (under in-addr.arpa or ip6.arpa)."""
-        try:
-            name = dns.reversename.from_address(ip)
-        except (ValueError, dns.exception.SyntaxError) as e:
-            raise BadName(f"not an IP address: {ip!r}") from e
-        return self._resolve(name, "PTR", deadline)
+        return self._resolve(_reverse(ip), "PTR", deadline)
 
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+
+    def cache_only(self) -> CacheOnly:
+        """A view of this cache that never touches the network: a miss raises `WouldBlock`."""
+        return CacheOnly(self)
+
+    def _resolve_cached(self, qname: dns.name.Name, rdtype: str) -> Answer:
+        key = (_host(qname), rdtype)
+        with self._lock:
+            cached = self._cached(key)
+        if cached is None:
+            raise WouldBlock(f"{key[0]} {rdtype} is not cached")
+        if isinstance(cached, str):
+            raise TempError(cached)
+        return cached
 
     # --- cache and single flight ---------------------------------------------------------
 
@@ -341,3 +365,26 @@ class Lookup:
                 raise dns.exception.Timeout()
             reply = dns.query.tcp(request, host, timeout=left, port=port)
         return reply
+
+
+class CacheOnly:
+    """`Lookup`'s questions answered from its cache alone (no I/O, so no blocking): lets a
+    message whose every lookup is cached be checked without a trip to a thread."""
+
+    def __init__(self, lookup: Lookup) -> None:
+        self._lookup = lookup
+
+    def txt(self, name: str, deadline: Deadline | None = None) -> Answer:
+        return self._lookup._resolve_cached(_qname(name), "TXT")
+
+    def a(self, name: str, deadline: Deadline | None = None) -> Answer:
+        return self._lookup._resolve_cached(_qname(name), "A")
+
+    def aaaa(self, name: str, deadline: Deadline | None = None) -> Answer:
+        return self._lookup._resolve_cached(_qname(name), "AAAA")
+
+    def mx(self, name: str, deadline: Deadline | None = None) -> Answer:
+        return self._lookup._resolve_cached(_qname(name), "MX")
+
+    def ptr(self, ip: str, deadline: Deadline | None = None) -> Answer:
+        return self._lookup._resolve_cached(_reverse(ip), "PTR")
