@@ -19,7 +19,9 @@ def _plan(items: str, uid: bool = False) -> fetch.FetchPlan:
     return fetch.with_uid(plan) if uid else plan
 
 
-class NamesOnlyFetchTests(TestCase):
+class _Folder(TestCase):
+    """Six messages with several flag sets, a keyword, and one taken from new/ (\\Recent)."""
+
     def setUp(self) -> None:
         root = Path(self.mktemp())
         for sub in ("new", "cur", "tmp"):
@@ -36,6 +38,8 @@ class NamesOnlyFetchTests(TestCase):
         self.view = View.open(self.folder.messages(), recent, self.folder.keywords.mapping(),
                               self.folder.uidvalidity, self.folder.next_uid, False)
 
+
+class NamesOnlyFetchTests(_Folder):
     def test_the_fast_path_answers_what_render_answers(self) -> None:
         pairs = self.view.select(SequenceSet("1:*"), False)
         for items, uid in (("FLAGS", False), ("(FLAGS UID)", False), ("(RFC822.SIZE FLAGS)", True), ("UID", False)):
@@ -50,3 +54,31 @@ class NamesOnlyFetchTests(TestCase):
         flags = tasks.fetch_batch(self.folder, self.view, pairs, _plan("FLAGS"), False, None)[0]
         self.assertIn(b"\\Recent", flags)  # the message taken from new/
         self.assertIn(b"$Work", flags)  # keyword letter "a"
+
+
+class FlagSearchTests(_Folder):
+    """The flag-only SEARCH path (one answer per distinct flag set) agrees with the general one."""
+
+    def test_flag_only_queries_answer_as_the_general_path(self) -> None:
+        from mx.imap import search
+
+        def query(text: str) -> search.Query:
+            r = CommandReader()
+            r.receive_data(f"a SEARCH {text}\r\n".encode())
+            return search.parse_search(r.next_event().args)
+
+        cases = ["UNSEEN", "SEEN", "NOT SEEN", "OR FLAGGED DELETED", "KEYWORD $Work", "UNKEYWORD $Work",
+                 "NEW", "OLD", "RECENT", "ALL", "ANSWERED UNDELETED", "(SEEN) NOT (FLAGGED)"]
+        original = tasks._flags_decide
+        for text in cases:
+            q = query(text)
+            self.assertTrue(tasks._flags_decide(q.key), text)
+            fast = tasks.run_search(self.folder, self.view, q)
+            self.patch(tasks, "_flags_decide", lambda key: False)
+            slow = tasks.run_search(self.folder, self.view, q)
+            self.patch(tasks, "_flags_decide", original)
+            self.assertEqual(fast, slow, text)
+        for text in ("UID 1:3 UNSEEN", "1:2 SEEN", "LARGER 10", "SUBJECT x"):
+            self.assertFalse(tasks._flags_decide(query(text).key), text)
+        self.assertEqual(tasks.run_search(self.folder, self.view, query("UNSEEN")),
+                         [i.uid for i in self.folder.messages() if "S" not in i.flags])

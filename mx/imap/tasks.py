@@ -232,6 +232,16 @@ def copy_messages(mailbox: Mailbox, folder: Folder, uids: list[int], name: str,
     return pairs, dest.assigned_uidvalidity if pairs else dest.uidvalidity, removed
 
 
+_FLAG_ONLY = frozenset({"AND", "OR", "NOT", "ALL", "NEW", "KEYWORD", "UNKEYWORD"}) | frozenset(
+    k for k in ("ANSWERED", "DELETED", "DRAFT", "FLAGGED", "RECENT", "SEEN", "OLD", "UNANSWERED", "UNDELETED",
+                "UNDRAFT", "UNFLAGGED", "UNSEEN"))
+
+
+def _flags_decide(key: search.Key) -> bool:
+    """Whether the answer depends on a message's flags (and \\Recent) alone."""
+    return key.name in _FLAG_ONLY and all(_flags_decide(k) for k in key.keys)
+
+
 def run_search(folder: Folder, view: View, query: search.Query) -> list[int]:
     need = query.need
     hits: list[int] = []
@@ -241,6 +251,19 @@ def run_search(folder: Folder, view: View, query: search.Query) -> list[int]:
     names = _FlagNames(view)
     info_of, recent = view.info, view.recent
     test = query.test
+    if _flags_decide(query.key):
+        # SEARCH UNSEEN and friends: one answer per distinct flag set, then one dict
+        # lookup per message (a folder has a handful of flag combinations).
+        answers: dict[tuple[frozenset[str], bool], bool] = {}
+        for seq, uid in enumerate(view.uids, 1):
+            key = (info_of[uid].flags, uid in recent)
+            hit = answers.get(key)
+            if hit is None:
+                c = Candidate(seq, uid, names.set(*key), info_of[uid].size, None)
+                hit = answers[key] = test(c, max_seq, max_uid, None)
+            if hit:
+                hits.append(uid)
+        return hits
     for seq, uid in enumerate(view.uids, 1):
         info = info_of[uid]
         c = Candidate(seq, uid, names.set(info.flags, uid in recent), info.size, dates.get(uid))
