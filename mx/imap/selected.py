@@ -93,9 +93,10 @@ class View:
     pending: set[int]
 
     @classmethod
-    def open(cls, infos: Iterable[MessageInfo], recent: Iterable[int], keywords: dict[str, str],
-             uidvalidity: int, next_uid: int, read_only: bool) -> View:
-        table = {i.uid: i for i in infos}
+    def open(cls, infos: Iterable[MessageInfo] | dict[int, MessageInfo], recent: Iterable[int],
+             keywords: dict[str, str], uidvalidity: int, next_uid: int, read_only: bool) -> View:
+        """From the folder's infos, or its `table()` (a dict this view then owns)."""
+        table = infos if isinstance(infos, dict) else {i.uid: i for i in infos}
         return cls(sorted(table), table, set(recent), dict(keywords), uidvalidity, next_uid, read_only, set())
 
     # -- numbers ---------------------------------------------------------------------

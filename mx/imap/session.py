@@ -390,7 +390,7 @@ class Session:
         if not await self.store(self.mailbox.exists, name):
             raise no("Mailbox does not exist", "NONEXISTENT")
         folder, recent, keywords = await self.store(tasks.open_folder, self.mailbox, name, read_only)
-        view = View.open(folder.messages(), recent, keywords, folder.uidvalidity, folder.next_uid, read_only)
+        view = View.open(folder.table(), recent, keywords, folder.uidvalidity, folder.next_uid, read_only)
         out = [view.flags_response(), untagged(len(view), "EXISTS"), untagged(len(view.recent), "RECENT")]
         unseen = view.first_unseen()
         if unseen is not None:

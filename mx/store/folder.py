@@ -110,10 +110,11 @@ def arrival_key(base: str) -> tuple[int, int, str]:
 class _Listing:
     """Result of listing new/ then cur/: base -> (subdir, name), plus whether it was calm."""
 
-    __slots__ = ("files", "calm", "stamp")
+    __slots__ = ("files", "calm", "stamp", "in_new")
 
-    def __init__(self, files: dict[str, tuple[str, str]], calm: bool, stamp: tuple[int, int]) -> None:
+    def __init__(self, files: dict[str, tuple[str, str]], calm: bool, stamp: tuple[int, int], in_new: int = 0) -> None:
         self.files, self.calm, self.stamp = files, calm, stamp
+        self.in_new = in_new  # names listed in new/: none means take_new has nothing to move
 
 
 class Folder:
@@ -172,6 +173,7 @@ class Folder:
         for _attempt in range(3):
             before = self._dir_mtimes()
             files: dict[str, tuple[str, str]] = {}
+            in_new = 0
             for sub in (_NEW, _CUR):
                 try:
                     names = os.listdir(self.path / sub)
@@ -179,6 +181,8 @@ class Folder:
                     continue
                 except OSError as e:
                     raise StoreError(f"{self.path / sub}: {e.strerror}") from None
+                if sub == _NEW:
+                    in_new = len(names)
                 for name in names:
                     if name[0] == ".":  # Maildir: dot files are not messages
                         continue
@@ -189,7 +193,7 @@ class Folder:
                 break
         now_ns = time.time_ns()
         calm = after == before and all(now_ns - m > _QUIET_SECONDS * 1e9 for m in after)
-        return _Listing(files, calm, after)
+        return _Listing(files, calm, after, in_new)
 
     def _read_list(self) -> tuple[uidlist.UidList | None, tuple[int, int, int] | None, str]:
         """(list, stamp, why unusable) — list None when missing or corrupt."""
@@ -220,10 +224,10 @@ class Folder:
         if ul is None or ul.dirty or any(b not in ul.uids for b in listing.files):
             ul, ul_stamp, listing = self._assign_locked()
         changes = self._rebuild(ul, listing)
-        moved = self._take_new() if self.take_new else 0
+        moved = self._take_new() if self.take_new and listing.in_new else 0
         self._snapshot = (*listing.stamp, ul_stamp) if listing.calm and not moved else None
         if self._snapshot is not None:
-            _shared.publish(self.path, self._snapshot, self)
+            _shared.publish(self.path, self._snapshot, self, listing.in_new)
         return changes
 
     def _reuse_shared(self) -> Changes | None:
@@ -233,10 +237,10 @@ class Folder:
         found = _shared.get(self.path, stamp)
         if found is None:
             return None
-        table, fields, self.uidvalidity, self.next_uid, self.guid = found
+        table, fields, self.uidvalidity, self.next_uid, self.guid, in_new = found
         self._by_uid, self._fields = dict(table), dict(fields)
         self._snapshot = stamp
-        if self.take_new and self._take_new():
+        if self.take_new and in_new and self._take_new():
             self._snapshot = None
         return Changes(tuple(table.values()), (), ())
 
@@ -398,6 +402,10 @@ class Folder:
     def messages(self) -> list[MessageInfo]:
         """Every message present at the last open/refresh, sorted by UID."""
         return list(self._by_uid.values())
+
+    def table(self) -> dict[int, MessageInfo]:
+        """A copy of the view, UID -> info, in UID order (one C-level dict copy)."""
+        return dict(self._by_uid)
 
     def get(self, uid: int) -> MessageInfo | None:
         return self._by_uid.get(uid)
@@ -641,21 +649,21 @@ class _SharedTables:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_path: dict[Path, tuple[tuple[object, ...], tuple[dict[int, MessageInfo], dict[int, str], int, int, str]]] = {}
+        self._by_path: dict[Path, tuple[tuple[object, ...], tuple[dict[int, MessageInfo], dict[int, str], int, int, str, int]]] = {}
 
-    def get(self, path: Path, stamp: tuple[object, ...]) -> tuple[dict[int, MessageInfo], dict[int, str], int, int, str] | None:
+    def get(self, path: Path, stamp: tuple[object, ...]) -> tuple[dict[int, MessageInfo], dict[int, str], int, int, str, int] | None:
         with self._lock:
             entry = self._by_path.get(path)
         if entry is None or entry[0] != stamp:
             return None
         return entry[1]
 
-    def publish(self, path: Path, stamp: tuple[object, ...], folder: Folder) -> None:
+    def publish(self, path: Path, stamp: tuple[object, ...], folder: Folder, in_new: int) -> None:
         with self._lock:
             entry = self._by_path.get(path)
             if entry is not None and entry[0] == stamp:
                 return
-        value = (dict(folder._by_uid), dict(folder._fields), folder.uidvalidity, folder.next_uid, folder.guid)
+        value = (dict(folder._by_uid), dict(folder._fields), folder.uidvalidity, folder.next_uid, folder.guid, in_new)
         with self._lock:
             self._by_path.pop(path, None)
             self._by_path[path] = (stamp, value)
