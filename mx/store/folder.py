@@ -132,6 +132,7 @@ class Folder:
         self._fields: dict[int, str] = {}
         self._snapshot: tuple[int, int, tuple[int, int, int] | None] | None = None
         self._keywords: Keywords | None = None
+        self._parsed: tuple[tuple[int, int, int], uidlist.UidList] | None = None  # see _read_list
         self._recent: set[int] = set()
         # The UIDVALIDITY under which the last append/copy_into (into this folder) gave its
         # UIDs: `uidvalidity` unless the list was rebuilt meanwhile (refresh() then says so).
@@ -195,12 +196,25 @@ class Folder:
         calm = after == before and all(now_ns - m > _QUIET_SECONDS * 1e9 for m in after)
         return _Listing(files, calm, after, in_new)
 
-    def _read_list(self) -> tuple[uidlist.UidList | None, tuple[int, int, int] | None, str]:
-        """(list, stamp, why unusable) — list None when missing or corrupt."""
+    def _read_list(self, fresh: bool = False) -> tuple[uidlist.UidList | None, tuple[int, int, int] | None, str]:
+        """(list, stamp, why unusable) — list None when missing or corrupt.
+
+        The last list parsed is kept with its (inode, size, mtime) stamp: every rewrite
+        replaces the file (a new inode), so an equal stamp is the same content, and a
+        refresh after our own renames re-lists the folder without parsing the list again."""
+        parsed = None if fresh else self._parsed
+        if parsed is not None:
+            try:
+                st = os.stat(self.path / uidlist.UIDLIST_FILE)
+            except OSError:
+                st = None
+            if st is not None and (st.st_ino, st.st_size, st.st_mtime_ns) == parsed[0] and not parsed[1].dirty:
+                return parsed[1], parsed[0], ""
         try:
             ul, stamp = uidlist.read(self.path / uidlist.UIDLIST_FILE)
         except uidlist.UidListCorrupt as e:
             return None, None, str(e)
+        self._parsed = (stamp, ul) if ul is not None and stamp is not None and not fresh else None
         return ul, stamp, "" if ul is not None else "missing"
 
     def _sync(self) -> Changes:
@@ -255,7 +269,7 @@ class Folder:
         with DotLock(target, mode=_file_mode(self.path)) as lock:
             if publish is not None:
                 publish()
-            ul, _stamp, why = self._read_list()
+            ul, _stamp, why = self._read_list(fresh=True)  # under the lock: from disk, then changed
             if ul is None:
                 previous = self.uidvalidity
                 if why != "missing":
