@@ -27,6 +27,8 @@ How to run:
     python3 benchmarks/smtp_accept.py --quick          # 300 msgs, C=1,10, 4 KiB only
     python3 benchmarks/smtp_accept.py --servers aiosmtpd --concurrency 10 --json out.json
     python3 benchmarks/smtp_accept.py --mailauth --sizes 4096 --concurrency 10,50
+    python3 benchmarks/smtp_accept.py --shape internet           # mx vs Postfix, 4 points
+    python3 benchmarks/smtp_accept.py --shape internet --servers postfix --concurrency 50
 
 --mailauth (issue 10): mx twice per (size, C), inbound checks off ("mx-off": spf = dkim =
 dmarc = arc = false) and on ("mx-on": the default [mailauth], skip_networks = [] so that the
@@ -38,6 +40,21 @@ any timing, From: sender@client.example; before each timed run --warmup messages
 untimed, also for mx-off) warm mx's DNS cache.  After each run every delivered file is read:
 mx-on's must all carry Authentication-Results with spf=pass, dkim=pass and dmarc=pass, and
 mx-off's none.  The table adds on/off (throughput ratio) and cost % (1 - on/off).
+
+--shape internet (issue 11): the internet's traffic shape, mx against a private Postfix.
+The load is ../shared/tools/smtp_load.py itself, run as a subprocess per run (`-k 1`: one
+message per connection, connect + EHLO + MAIL + RCPT + DATA + QUIT, no PIPELINING, one
+command per round trip; `-u 10`: recipients cycle over user0..user9@example.test; `-r`
+recipients per message, --rcpts, default 1 as in the issue's command).  Its JSON summary
+gives msg/s, p50/p99 (MAIL sent to the 250 after the dot) and its own CPU.  Default points:
+4 KiB at C = 1, 10, 50 and 100 KiB at C = 50 (--sizes/--concurrency give a cross product).
+mx has the ten users; Postfix (Debian's, installed if missing: see postfix_peer.py) runs
+from its own config_directory, queue_directory and data_directory in a temp dir, smtpd on a
+free 127.0.0.1 port, virtual(8) delivery into Maildirs for the same ten addresses.  Postfix
+queues before it delivers, so after the load the script waits (bounded, --deliver-timeout)
+until every accepted message is a file in new/ and reads the CPU only then; "deliv s" is
+that wait.  Postfix CPU is master plus all its processes (smtpd, cleanup, qmgr, virtual,
+trivial-rewrite, postlogd, ...), the exited ones via master's cutime/cstime.
 
 Reference figures (from the issue), on this kind of 2-core machine: Postfix ~520-600
 durable msg/s at C=10..50; aiosmtpd with fsync ~440-490 msg/s.  mx's target is 2x that,
@@ -612,6 +629,266 @@ def run_one(server_cls, size, concurrency, n, timeout, messages=None, warmup=0,
     return res
 
 
+# --- --shape internet: one message per connection, smtp_load.py as the client, Postfix peer --
+
+SMTP_LOAD = os.path.join(os.path.dirname(REPO), "shared", "tools", "smtp_load.py")
+INTERNET_POINTS = [(4096, 1), (4096, 10), (4096, 50), (102400, 50)]
+INTERNET_DOMAIN = "example.test"
+
+
+def internet_users(count):
+    # smtp_load.py's recipients: user0..user{U-1}@DOMAIN (-u)
+    return ["user%d@%s" % (i, INTERNET_DOMAIN) for i in range(count)]
+
+
+class MxInternet(MxServer):
+    """mx with the load generator's users (added in one subprocess through mx's CLI)."""
+    users = internet_users(10)
+
+    def prepare(self):
+        self.config = os.path.join(self.tmp, "mx.toml")
+        with open(self.config, "w") as f:
+            f.write(self.config_text())
+        code = ("import io, sys\nfrom mx.cli import main\n"
+                "for u in sys.argv[2:]:\n"
+                "    sys.stdin = io.StringIO('pw\\n')\n"
+                "    if main(['--config', sys.argv[1], 'user', 'add', u]): sys.exit(1)\n")
+        r = subprocess.run([sys.executable, "-c", code, self.config, *self.users],
+                           cwd=self.tmp, env=self.env, capture_output=True, timeout=120)
+        if r.returncode:
+            raise RuntimeError("mx user add failed (%d): %s"
+                               % (r.returncode, (r.stdout + r.stderr).decode()[-2000:]))
+
+    def user_new_dirs(self):
+        return [os.path.join(self.tmp, "data", "mail", INTERNET_DOMAIN, u.split("@")[0], "new")
+                for u in self.users]
+
+    def delivered(self):
+        return sum(count_files(d) for d in self.user_new_dirs())
+
+    def wait_delivered(self, expect, timeout):
+        deadline = time.monotonic() + timeout  # mx's 250 means already in new/
+        while self.delivered() < expect and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.delivered()
+
+    def short_files(self, size):
+        return sum(1 for d in self.user_new_dirs() if os.path.isdir(d)
+                   for e in os.scandir(d) if e.stat().st_size < size)
+
+    def mem_mib(self):
+        return self.peak_rss_mib()
+
+
+def postfix_class():
+    import postfix_peer  # benchmarks/, beside this script
+
+    class PostfixInternet(postfix_peer.PostfixPeer):
+        users = internet_users(10)
+
+        def __init__(self):
+            super().__init__(self.users, domain=INTERNET_DOMAIN)
+
+        def short_files(self, size):
+            return sum(1 for u in self.users if os.path.isdir(self.maildir_new(u))
+                       for e in os.scandir(self.maildir_new(u)) if e.stat().st_size < size)
+
+        def mem_mib(self):
+            return self.pss_mib()
+
+    return PostfixInternet
+
+
+def run_smtp_load(port, size, concurrency, n, rcpts, users, timeout):
+    """One smtp_load.py run (a subprocess); returns its JSON summary."""
+    cmd = [sys.executable, SMTP_LOAD, "127.0.0.1:%d" % port, "-n", str(n), "-s", str(size),
+           "-c", str(concurrency), "-k", "1", "-r", str(rcpts), "-u", str(users),
+           "--domain", INTERNET_DOMAIN, "--timeout", "30", "--max-seconds", str(timeout),
+           "--json", "-"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 120,
+                       stdin=subprocess.DEVNULL)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        raise RuntimeError("smtp_load.py exited %d without a summary: %s %s"
+                           % (r.returncode, r.stdout[-1000:], r.stderr[-2000:]))
+    summary = json.loads(lines[-1])
+    summary["command"] = " ".join(["smtp_load.py"] + cmd[2:-2])
+    summary["text"] = [l for l in r.stdout.splitlines() if not l.startswith("{")]
+    return summary
+
+
+def run_internet_one(name, server_cls, size, concurrency, n, rcpts, users, timeout,
+                     deliver_timeout):
+    res = {"server": name, "size": size, "concurrency": concurrency, "messages": n,
+           "rcpts": rcpts}
+    srv = None
+    try:
+        srv = server_cls()
+        srv.start()
+        cpu0 = srv.cpu_seconds()
+        s = run_smtp_load(srv.port, size, concurrency, n, rcpts, users, timeout)
+        t_end = time.monotonic()
+        ok = s["ok"]
+        # Postfix answers 250 once the message is in its queue: wait for the Maildir files
+        # (bounded) and read the CPU only then, so that delivery counts.
+        delivered = srv.wait_delivered(ok * rcpts, deliver_timeout)
+        deliver_s = time.monotonic() - t_end
+        cpu = srv.cpu_seconds() - cpu0
+        res.update(
+            ok=ok, failures=n - ok, errors={k: v for k, v in s["errors"].items() if v},
+            error_samples=s["err_samples"],
+            aborted=ok < n, elapsed_s=s["elapsed_s"], msgs_per_s=s["msgs_per_s"],
+            p50_ms=s["lat_ms"]["p50"], p99_ms=s["lat_ms"]["p99"], max_ms=s["lat_ms"]["max"],
+            conn_p50_ms=s["conn_setup_ms"]["p50"], conn_p99_ms=s["conn_setup_ms"]["p99"],
+            connections=s["connections"], server_cpu_s=cpu,
+            cpu_s_per_1k=cpu / ok * 1000 if ok else float("nan"),
+            client_cpu_s_per_1k=s["client_cpu_s"] / ok * 1000 if ok else float("nan"),
+            delivered=delivered, expected=ok * rcpts, deliver_s=deliver_s,
+            end_to_end_msgs_per_s=(delivered / rcpts) / (s["elapsed_s"] + deliver_s),
+            # Postfix stores LF line ends: a file may be up to one byte per 78-byte line
+            # shorter than the CRLF message sent (its added headers make up for it at 4 KiB)
+            short_files=srv.short_files(size - size // 70), mem_mib=srv.mem_mib(),
+            load_command=s["command"], load_line=s["text"][:2])
+        if name == "postfix":
+            res["processes"] = srv.processes()
+            res["queued_after"] = srv.queued()
+    except Exception as e:  # report and go on with the other runs
+        res.update(ok=0, failures=n, aborted=True, errors={"run": 1},
+                   error_samples=[str(e)[-3000:]], msgs_per_s=0.0)
+    finally:
+        if srv is not None:
+            srv.stop()
+            res["log_errors"] = srv.log_errors()[:20]
+            srv.cleanup()
+    return res
+
+
+def describe_internet(r):
+    if "p50_ms" not in r:
+        return "%-8s size=%-6d C=%-3d FAILED: %s" % (
+            r["server"], r["size"], r["concurrency"], " | ".join(r["error_samples"])[:3000])
+    s = ("%-8s size=%-6d C=%-3d %7.1f msg/s  p50 %7.1f ms  p99 %7.1f ms  max %7.1f ms  "
+         "conn p50 %5.1f ms  cpu/1k %5.2f s  client cpu/1k %5.2f s  mem %5.1f MiB  "
+         "delivered %d/%d, last %.2f s after the load"
+         % (r["server"], r["size"], r["concurrency"], r["msgs_per_s"], r["p50_ms"],
+            r["p99_ms"], r["max_ms"], r["conn_p50_ms"], r["cpu_s_per_1k"],
+            r["client_cpu_s_per_1k"], r["mem_mib"], r["delivered"], r["expected"], r["deliver_s"]))
+    if r.get("processes"):
+        s += "\n    processes at the end: " + ", ".join(
+            "%s %d" % kv for kv in sorted(r["processes"].items()))
+    if r["failures"] or r["errors"]:
+        s += "\n    %d of %d got no 250; errors %s: %s" % (
+            r["failures"], r["messages"], r["errors"], " | ".join(r["error_samples"])[:1000])
+    if r["delivered"] != r["expected"]:
+        s += "\n    WARNING: %d files in the Maildirs, %d expected" % (r["delivered"],
+                                                                    r["expected"])
+    if r["short_files"]:
+        s += "\n    WARNING: %d delivered files are shorter than the message sent" % (
+            r["short_files"])
+    for line in r.get("log_errors", [])[:5]:
+        s += "\n    server log: " + line[:300]
+    return s
+
+
+def internet_ok(r):
+    return ("p50_ms" in r and not r["failures"] and not r["errors"]
+            and r["delivered"] == r["expected"] and not r["short_files"])
+
+
+def table_internet(results, servers):
+    by_key = {(r["server"], r["size"], r["concurrency"]): r for r in results}
+    rows = []
+    for r in results:
+        if (r["size"], r["concurrency"]) not in rows:
+            rows.append((r["size"], r["concurrency"]))
+    cols = ("msg/s", "p50 ms", "p99 ms", "CPU/1k", "deliv s", "MiB")
+    group = len(cols) * 9
+    pair = "mx" in servers and "postfix" in servers
+    top = "%12s" % "" + "".join(" " + (" %s " % s).center(group - 1, "-") for s in servers)
+    head = "%7s %4s" % ("size", "C") + "".join(
+        "".join(" %8s" % c for c in cols) for _ in servers)
+    if pair:
+        head += " %8s %8s" % ("mx/pf", "CPU pf/mx")
+    out = [top, head, "-" * len(head)]
+    for size, c in rows:
+        line = "%7s %4d" % ("%dK" % (size // 1024) if size >= 1024 else size, c)
+        for s in servers:
+            r = by_key.get((s, size, c))
+            if not r or "p50_ms" not in r:
+                line += " %8s" % "FAILED" + " %8s" % "" * (len(cols) - 1)
+                continue
+            mark = "" if internet_ok(r) else "!"
+            line += " %8s %8.1f %8.1f %8.2f %8.2f %8.1f" % (
+                "%.1f%s" % (r["msgs_per_s"], mark), r["p50_ms"], r["p99_ms"],
+                r["cpu_s_per_1k"], r["deliver_s"], r["mem_mib"])
+        if pair:
+            a, b = by_key.get(("mx", size, c)), by_key.get(("postfix", size, c))
+            if all(x and "p50_ms" in x and x["msgs_per_s"] for x in (a, b)):
+                line += " %8.2f %9.2f" % (a["msgs_per_s"] / b["msgs_per_s"],
+                                          b["cpu_s_per_1k"] / a["cpu_s_per_1k"])
+            else:
+                line += " %8s %9s" % ("-", "-")
+        out.append(line)
+    out.append("one message per connection, no PIPELINING (smtp_load.py -k 1); CPU/1k = server "
+               "CPU s per 1,000 msgs, delivery included (Postfix: all its processes); deliv s = "
+               "wait after the load until every message was a Maildir file; MiB = mx peak "
+               "VmHWM, Postfix sum of PSS of its processes at the end; ! = failures or "
+               "missing files")
+    return "\n".join(out)
+
+
+def main_internet(a, ap):
+    """--shape internet; see the module docstring."""
+    servers = [s for s in (a.servers or "mx,postfix").split(",") if s]
+    if set(servers) - {"mx", "postfix"}:
+        ap.error("--shape internet compares mx and postfix (got %r)" % a.servers)
+    if not os.path.exists(SMTP_LOAD):
+        ap.error("the load generator %s is missing" % SMTP_LOAD)
+    n = a.messages or (300 if a.quick else 2000)
+    if a.sizes or a.concurrency or a.quick:
+        sizes = a.sizes or [4096]
+        conc = a.concurrency or ([1, 10] if a.quick else [1, 10, 50])
+        points = [(size, c) for size in sizes for c in conc]
+    else:
+        points = INTERNET_POINTS
+    classes = {"mx": MxInternet}
+    MxInternet.users = internet_users(a.users)
+    if "postfix" in servers:
+        import postfix_peer
+        why = postfix_peer.install()
+        if why:
+            print("Postfix is not available, so it is left out: %s" % why, file=sys.stderr)
+            servers.remove("postfix")
+        else:
+            classes["postfix"] = postfix_class()
+            classes["postfix"].users = internet_users(a.users)
+            classes["postfix"].extra_main_cf = a.postfix_param
+            v = subprocess.run(["/usr/sbin/postconf", "-d", "-h", "mail_version"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+            print("Postfix %s" % v, file=sys.stderr)
+    if not servers:
+        return 1
+    results = []
+    started = time.monotonic()
+    for size, c in points:
+        for s in servers:  # interleaved per point: machine drift hits both sides alike
+            r = run_internet_one(s, classes[s], size, c, n, a.rcpts, a.users, a.timeout,
+                                 a.deliver_timeout)
+            results.append(r)
+            print(describe_internet(r), file=sys.stderr, flush=True)
+    print()
+    print("%d messages per run, one per connection, %d recipient(s) each over %d users, "
+          "%s (%.0f s in all)" % (n, a.rcpts, a.users, time.strftime("%Y-%m-%d %H:%M"),
+                                  time.monotonic() - started))
+    print("load: smtp_load.py 127.0.0.1:PORT -n %d -s SIZE -c C -k 1 -r %d -u %d "
+          "--domain %s" % (n, a.rcpts, a.users, INTERNET_DOMAIN))
+    print(table_internet(results, servers))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0 if all(internet_ok(r) for r in results) else 1
+
+
 # --- Reporting ---------------------------------------------------------------------------
 
 
@@ -730,7 +1007,25 @@ def main():
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed messages (C=1) before each run (default 20 with "
                          "--mailauth, else 0)")
+    ap.add_argument("--shape", choices=("reuse", "internet"), default="reuse",
+                    help="reuse (default): connections reused, pipelined where offered, mx "
+                         "vs aiosmtpd; internet: smtp_load.py -k 1, one message per "
+                         "connection, no pipelining, mx vs Postfix (see the docstring)")
+    ap.add_argument("--rcpts", type=int, default=1,
+                    help="--shape internet: recipients per message (smtp_load.py -r)")
+    ap.add_argument("--users", type=int, default=10,
+                    help="--shape internet: mailboxes user0..user{N-1} (smtp_load.py -u)")
+    ap.add_argument("--postfix-param", action="append", default=[], metavar="NAME=VALUE",
+                    help="--shape internet: an extra main.cf line for Postfix (repeatable; "
+                         "e.g. in_flow_delay=0 to see its flow control's share of p99)")
+    ap.add_argument("--deliver-timeout", type=float, default=120.0,
+                    help="--shape internet: seconds to wait after a run for every accepted "
+                         "message to be in the Maildirs (Postfix queues first)")
     a = ap.parse_args()
+    if a.shape == "internet":
+        if a.mailauth:
+            ap.error("--mailauth and --shape internet do not combine")
+        return main_internet(a, ap)
     conc = a.concurrency or ([1, 10] if a.quick else [1, 10, 50])
     n = a.messages or (300 if a.quick else 2000)
     sizes = a.sizes or ([4096] if a.quick else [4096, 102400])
