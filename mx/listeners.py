@@ -1,6 +1,6 @@
 """The listeners and their connections: which services run, who is connected, who may connect.
 
-Every service (smtp, submission, submissions now; pop3, imap later) registers its factory
+Every service (smtp, submission, submissions, pop3, pop3s, imap, imaps) registers its factory
 here; every connection is admitted and released here, so the per-address and the global
 limits hold over all services together, and one `shutdown(grace)` drains them all.
 
@@ -25,12 +25,15 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mx.config import LimitsConfig
 
-__all__ = ["Connection", "ConnectionRegistry", "Listener", "Refusal", "Service", "client_key"]
+__all__ = ["Connection", "ConnectionRegistry", "Listener", "ListenerFactory", "Refusal", "Service", "WriteGate",
+           "client_key"]
 
 log = Logger()
 
@@ -196,3 +199,64 @@ class ConnectionRegistry:
         """Drain every registered listener (through its own `shutdown`), all at once."""
         ds = [listener.shutdown(grace) for listener in self.listeners.values()]
         return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+
+
+class ListenerFactory(ServerFactory):
+    """What every service's factory shares: its `Service`, its place in the registry (its
+    own registry when none is given, as in tests that run one service), and the drain."""
+
+    noisy = False
+    service: Service
+    registry: ConnectionRegistry
+
+    def _join(self, kind: Service | str, allowed: tuple[Service, ...], what: str, limits: LimitsConfig,
+              clock: IReactorTime, registry: ConnectionRegistry | None) -> None:
+        self.service = Service(kind)
+        if self.service not in allowed:
+            raise ValueError(f"{self.service} is not {what}")
+        self.registry = registry if registry is not None else ConnectionRegistry(limits, clock)
+        self.registry.register(self.service, self)
+
+    @property
+    def kind(self) -> Service:
+        return self.service
+
+    @property
+    def connections(self) -> frozenset[Connection]:
+        return self.registry.live(self.service)
+
+    def shutdown(self, grace: float = 10.0) -> Deferred[None]:
+        """Stop: idle connections are told goodbye now, busy ones after their command or
+        commit; the rest are cut after `grace` seconds."""
+        return self.registry.drain(self.service, grace)
+
+
+@implementer(IPushProducer)
+class WriteGate:
+    """A transport's view of a long response (RETR, a big FETCH): paused while the socket's
+    buffer is full; `wait()` fires once the transport takes more, or when it stops."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._waiting: list[Deferred[None]] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.release()
+
+    def stopProducing(self) -> None:
+        self.paused = False
+        self.release()
+
+    def wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def release(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)

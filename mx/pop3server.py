@@ -38,15 +38,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorFromThreads, IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
 
 from mx.auth import (
     MECHANISMS,
@@ -60,7 +59,7 @@ from mx.auth import (
     plaintext_allowed,
 )
 from mx.config import Config
-from mx.listeners import ConnectionRegistry, Service, client_key
+from mx.listeners import ConnectionRegistry, ListenerFactory, Service, WriteGate, client_key
 from mx.maildir import MaildirError, ensure_maildir, mailbox_path
 from mx.pop3 import (
     NEED_DATA,
@@ -144,11 +143,8 @@ def mark_seen(folder: Folder, uid: int) -> None:
 # -- the factory ------------------------------------------------------------------------
 
 
-class POP3ServerFactory(ServerFactory):
-    """Builds one protocol per connection; counts them in the shared `ConnectionRegistry`
-    (its own one when none is given, as in tests that run one service)."""
-
-    noisy = False
+class POP3ServerFactory(ListenerFactory):
+    """Builds one protocol per connection; counts them in the shared `ConnectionRegistry`."""
 
     def __init__(
         self,
@@ -168,24 +164,12 @@ class POP3ServerFactory(ServerFactory):
         self.clock: IReactorTime = clock if clock is not None else reactor  # type: ignore[assignment]
         self.read_pool = read_pool
         self.authenticator = authenticator
-        self.service = Service(kind)
-        if self.service not in (Service.POP3, Service.POP3S):
-            raise ValueError(f"{self.service} is not a POP3 service")
+        self._join(kind, (Service.POP3, Service.POP3S), "a POP3 service", config.limits, self.clock, registry)
         self.tls = tls
         self.implicit_tls = self.service.implicit_tls if implicit_tls is None else implicit_tls
         self.mail_root = config.data_dir / "mail"
         self.locked: set[Path] = set()  # maildrops with a session in this process
         self.open_maildrop: Callable[[Path], tuple[int, Folder, list[Entry]]] = open_maildrop
-        self.registry = registry if registry is not None else ConnectionRegistry(config.limits, self.clock)
-        self.registry.register(self.service, self)
-
-    @property
-    def kind(self) -> Service:
-        return self.service
-
-    @property
-    def connections(self) -> frozenset[POP3ServerProtocol]:
-        return self.registry.live(self.service)  # type: ignore[return-value]
 
     def buildProtocol(self, addr: Any) -> POP3ServerProtocol:
         p = POP3ServerProtocol()
@@ -194,38 +178,6 @@ class POP3ServerFactory(ServerFactory):
 
     def in_pool(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.read_pool, f, *args)
-
-    def shutdown(self, grace: float = 10.0) -> Deferred[None]:
-        """Stop: idle sessions get -ERR now, busy ones after their command; then wait."""
-        return self.registry.drain(self.service, grace)
-
-
-@implementer(IPushProducer)
-class _Throttle:
-    """The transport's view of a RETR in progress: paused while the socket's buffer is full."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self._waiting: Deferred[None] | None = None
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.release()
-
-    def stopProducing(self) -> None:
-        self.release()
-
-    def wait(self) -> Deferred[None]:
-        self._waiting = Deferred()
-        return self._waiting
-
-    def release(self) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(None)
 
 
 # -- the protocol -----------------------------------------------------------------------
@@ -256,7 +208,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._counted = False
         self._closing = False
         self._paused = False
-        self._throttle: _Throttle | None = None
+        self._throttle: WriteGate | None = None
 
     @property
     def service(self) -> Service:
@@ -751,7 +703,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         """A message larger than FIRST_READ: the rest in READ_CHUNK reads, one per pool trip,
         with a push producer so no chunk is read while the socket's buffer is full."""
         f = self.factory
-        throttle = self._throttle = _Throttle()
+        throttle = self._throttle = WriteGate()
         try:
             self.transport.registerProducer(throttle, True)
             self._write(start)

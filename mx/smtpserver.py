@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -51,7 +51,7 @@ from mx.auth import (
 )
 from mx.config import Config
 from mx.delivery import Delivery, Envelope, IncomingMessage, new_message_id
-from mx.listeners import ConnectionRegistry, Refusal, Service, client_key
+from mx.listeners import ConnectionRegistry, ListenerFactory, Refusal, Service, client_key
 from mx.mailauth.check import Action, Verdict
 from mx.routing import Destination, RemoteRecipient, Router
 from mx.tls import ServerTLS
@@ -121,11 +121,8 @@ OUT_OF_SEQUENCE = {
 }
 
 
-class SMTPServerFactory(ServerFactory):
-    """Builds one protocol per connection; counts them in the shared `ConnectionRegistry`
-    (its own one when none is given, as in tests that run one service)."""
-
-    noisy = False
+class SMTPServerFactory(ListenerFactory):
+    """Builds one protocol per connection; counts them in the shared `ConnectionRegistry`."""
 
     def __init__(
         self,
@@ -146,29 +143,18 @@ class SMTPServerFactory(ServerFactory):
         self.router = router
         self.delivery = delivery
         self.clock = clock
-        self.service = Service(kind)
-        if not (self.service is Service.SMTP or self.service.submission):
-            raise ValueError(f"{self.service} is not an SMTP service")
+        self._join(kind, (Service.SMTP, Service.SUBMISSION, Service.SUBMISSIONS), "an SMTP service", config.limits,
+                   clock, registry)
         self.tls = tls
         self.implicit_tls = implicit_tls
         # Submission ports (RFC 6409): AUTH, then relay anywhere; port 25 never offers AUTH.
         self.submission = self.service.submission
         self.authenticator = authenticator if self.submission else None
-        self.registry = registry if registry is not None else ConnectionRegistry(config.limits, clock)
-        self.registry.register(self.service, self)
-
-    @property
-    def kind(self) -> Service:
-        return self.service
 
     @property
     def per_ip(self) -> Counter[str]:
         """Live connections per client key, over every service of the registry."""
         return self.registry.per_ip
-
-    @property
-    def connections(self) -> frozenset[SMTPServerProtocol]:
-        return self.registry.live(self.service)  # type: ignore[return-value]
 
     @property
     def shutting_down(self) -> bool:
@@ -181,10 +167,6 @@ class SMTPServerFactory(ServerFactory):
 
     def client_key(self, ip: str) -> str:
         return client_key(ip)
-
-    def shutdown(self, grace: float = 10.0) -> Deferred[None]:
-        """Stop: idle connections get 421 now, busy ones after their commit; then wait."""
-        return self.registry.drain(self.service, grace)
 
 
 class SMTPServerProtocol(Protocol, TimeoutMixin):

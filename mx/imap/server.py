@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorFromThreads, IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
 
 from mx.auth import Authenticator
 from mx.config import Config
@@ -44,7 +43,7 @@ from mx.imap.parse import (
 )
 from mx.imap.respond import continuation, tagged, untagged_status
 from mx.imap.session import Session, State
-from mx.listeners import ConnectionRegistry, Service, client_key
+from mx.listeners import ConnectionRegistry, ListenerFactory, Service, WriteGate, client_key
 from mx.tls import ServerTLS
 
 __all__ = ["IMAPServerFactory", "IMAPServerProtocol"]
@@ -56,10 +55,8 @@ CLOSE_GRACE = 10.0  # seconds a closing connection may take before it is cut
 MAX_ERRORS = 20  # BAD commands in a row before the connection is closed
 
 
-class IMAPServerFactory(ServerFactory):
+class IMAPServerFactory(ListenerFactory):
     """One protocol per connection; counts them in the shared `ConnectionRegistry`."""
-
-    noisy = False
 
     def __init__(self, *, config: Config, reactor: IReactorFromThreads, read_pool: ThreadPool,
                  authenticator: Authenticator, watch: Any, clock: IReactorTime | None = None,
@@ -71,21 +68,9 @@ class IMAPServerFactory(ServerFactory):
         self.read_pool = read_pool
         self.authenticator = authenticator
         self.watch = watch
-        self.service = Service(kind)
-        if self.service not in (Service.IMAP, Service.IMAPS):
-            raise ValueError(f"{self.service} is not an IMAP service")
+        self._join(kind, (Service.IMAP, Service.IMAPS), "an IMAP service", config.limits, self.clock, registry)
         self.tls = tls
         self.implicit_tls = self.service.implicit_tls if implicit_tls is None else implicit_tls
-        self.registry = registry if registry is not None else ConnectionRegistry(config.limits, self.clock)
-        self.registry.register(self.service, self)
-
-    @property
-    def kind(self) -> Service:
-        return self.service
-
-    @property
-    def connections(self) -> frozenset[IMAPServerProtocol]:
-        return self.registry.live(self.service)  # type: ignore[return-value]
 
     def buildProtocol(self, addr: Any) -> IMAPServerProtocol:
         p = IMAPServerProtocol()
@@ -94,39 +79,6 @@ class IMAPServerFactory(ServerFactory):
 
     def in_pool(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.read_pool, f, *args)
-
-    def shutdown(self, grace: float = 10.0) -> Deferred[None]:
-        return self.registry.drain(self.service, grace)
-
-
-@implementer(IPushProducer)
-class _Drain:
-    """Paused while the transport's buffer is full; `wait()` fires once it is writable."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self._waiting: list[Deferred[None]] = []
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.release()
-
-    def stopProducing(self) -> None:
-        self.paused = False
-        self.release()
-
-    def wait(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def release(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
 
 
 class IMAPServerProtocol(Protocol, TimeoutMixin):
@@ -146,7 +98,7 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
         self._closing = False
         self._paused = False
         self._line: Deferred[bytes | None] | None = None
-        self._drain = _Drain()
+        self._drain = WriteGate()
         self._abort_later: Any = None
 
     @property
