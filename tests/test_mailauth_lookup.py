@@ -14,20 +14,19 @@ import threading
 import time
 from typing import Any
 
-import dns.flags
-import dns.message
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.names import authority, error, server
+from twisted.names import authority, error
 from twisted.names import dns as tdns
 from twisted.trial.unittest import TestCase
 
 from mx.mailauth.lookup import Answer, BadName, Deadline, Lookup, TempError
 from tests.support import zone_authority
+from tests.test_dns import Silent, TrackingFactory, Truncating
 
 
 class QuietServFail(Exception):
@@ -64,7 +63,7 @@ class Misbehaving(authority.FileAuthority):
         return defer.fail(error.DomainError(name))
 
 
-class CountingFactory(server.DNSServerFactory):
+class CountingFactory(TrackingFactory):
     """A DNS server that records every question: `(name, type name)`, names lower-case."""
 
     noisy = False
@@ -72,7 +71,6 @@ class CountingFactory(server.DNSServerFactory):
     def __init__(self, authorities: list[Any]) -> None:
         super().__init__(authorities=authorities)
         self.queries: list[tuple[str, str]] = []
-        self._waiting: list[Deferred[None]] = []
 
     def handleQuery(self, message: Any, protocol: Any, address: Any) -> None:
         for q in message.queries:
@@ -87,45 +85,6 @@ class CountingFactory(server.DNSServerFactory):
             self.sendReply(protocol, self._responseFromMessage(message=message, rCode=tdns.ESERVER), address)
             return
         super().gotResolverError(failure, protocol, message, address)
-
-    def connectionLost(self, protocol: Any) -> None:
-        super().connectionLost(protocol)
-        if not self.connections:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(None)
-
-    def all_closed(self) -> Deferred[None]:
-        if not self.connections:
-            return defer.succeed(None)
-        for p in self.connections:
-            p.transport.loseConnection()
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d
-
-
-class Silent(DatagramProtocol):
-    """A nameserver that never answers; counts what it was sent."""
-
-    noisy = False
-
-    def __init__(self) -> None:
-        self.received = 0
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.received += 1
-
-
-class Truncating(DatagramProtocol):
-    """Answers every UDP query with an empty, TC-flagged reply (the TCP side answers)."""
-
-    noisy = False
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        reply = dns.message.make_response(dns.message.from_wire(data))
-        reply.flags |= dns.flags.TC
-        self.transport.write(reply.to_wire(), addr)
 
 
 def listen_silent(case: TestCase) -> tuple[int, Silent]:
