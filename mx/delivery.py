@@ -270,7 +270,12 @@ class IncomingMessage:
             raise RuntimeError("the spill file is still being written: wait for flushed() first")
 
     def in_memory(self) -> bytes | None:
-        return b"".join(self._chunks) if self._disk is None else None
+        if self._disk is not None:
+            return None
+        if len(self._chunks) != 1:
+            # Joined once and kept: mail authentication and the commit both read it.
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
 
     def discard(self) -> Deferred[None]:
         """Forget the message; fires when its spill file (if any) is removed."""
