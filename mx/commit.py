@@ -30,8 +30,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mx import maildir
-from mx.durable import Staged, discard, fsync_dir, publish
-from mx.durable import sync as durable_sync
+from mx.durable import Staged, close_synced, discard, fsync_many, publish
 from mx.spool import QueueEntry, Spool
 
 __all__ = ["QueueWrite", "QueueUpdate", "QueueRemove", "Job", "commit_batch", "GroupCommitter", "MAX_BATCHES"]
@@ -83,9 +82,9 @@ def commit_batch(jobs: Sequence[Job], known: set[Path], spool: Spool | None) -> 
     """Store several jobs at once (group commit), in a disk thread; one result per job.
 
     Each job succeeds as a whole (the published paths) or fails as a whole (the exception;
-    everything it wrote removed). Phases: write every file, fsync every file (the first
-    fsync commits the file system journal for all of them, so the others cost little),
-    publish them (rename, or link for new queue files), unlink removals, fsync each folder.
+    everything it wrote removed). Phases: write every file, fsync every file (all at once:
+    `fsync_many`), publish them (rename, or link for new queue files), unlink removals,
+    fsync each folder (again all at once).
     """
     results: list[BaseException | list[Path]] = [[] for _ in jobs]
     staged: list[list[Staged]] = [[] for _ in jobs]
@@ -106,26 +105,28 @@ def commit_batch(jobs: Sequence[Job], known: set[Path], spool: Spool | None) -> 
                     removals[i].append(item.entry_id)  # after every rename: see below
         except Exception as e:  # noqa: BLE001 - one job's disk error must not fail the batch
             results[i] = e
-    for phase in (durable_sync, publish):
-        for i, job in enumerate(jobs):
-            if isinstance(results[i], BaseException):
-                continue
-            try:
-                folders[i] |= phase(staged[i]) or set()
-            except Exception as e:  # noqa: BLE001
-                results[i] = e
+    # Every file of every job fsynced at once (concurrent fsyncs share journal commits).
+    fds = [(i, s.fd) for i in range(len(jobs)) if not isinstance(results[i], BaseException)
+           for s in staged[i] if s.fd is not None]
+    for (i, _fd), error in zip(fds, fsync_many([fd for _i, fd in fds])):
+        if error is not None and not isinstance(results[i], BaseException):
+            results[i] = error
+    for i, job in enumerate(jobs):
+        if isinstance(results[i], BaseException):
+            continue  # its files are closed and removed by _undo below
+        try:
+            close_synced(staged[i])
+            folders[i] |= publish(staged[i])
+        except Exception as e:  # noqa: BLE001
+            results[i] = e
     # Removals last, so a state update earlier in the batch cannot bring a removed entry back.
     for i, ids in enumerate(removals):
         if ids and spool is not None and not isinstance(results[i], BaseException):
             for entry_id in ids:
                 spool.unlink_entry(entry_id)
             folders[i].add(spool.root)
-    bad: dict[Path, BaseException] = {}
-    for folder in set().union(*folders):
-        try:
-            fsync_dir(folder)
-        except OSError as e:
-            bad[folder] = e
+    every = list(set().union(*folders))
+    bad: dict[Path, BaseException] = {f: e for f, e in zip(every, fsync_many(every)) if e is not None}
     for i, job in enumerate(jobs):
         hit = next((bad[f] for f in folders[i] if f in bad), None)
         if hit is not None:

@@ -17,11 +17,16 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Staged", "fsync_dir", "stage", "sync", "discard", "publish", "atomic_write", "unlink_quietly"]
+__all__ = ["Staged", "close_synced", "fsync_dir", "fsync_many", "stage", "sync", "discard", "publish", "atomic_write",
+           "unlink_quietly"]
+
+FSYNC_THREADS = 8  # concurrent fsyncs; more gained nothing measurable on a virtio disk
 
 
 @dataclass(slots=True)
@@ -43,6 +48,53 @@ def fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_target(target: int | Path | str) -> None:
+    if isinstance(target, int):
+        os.fsync(target)
+    else:
+        fsync_dir(target)
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="mx-fsync")
+        return _executor
+
+
+def fsync_many(targets: Sequence[int | Path | str]) -> list[OSError | None]:
+    """fsync every target (an open fd, or a folder by path) concurrently; one result per
+    target, None or its error. Returns only after every fsync returned, so the caller may
+    close or remove any of them afterwards. Called from disk threads, never the reactor."""
+    if len(targets) <= 1:
+        futures: list[Future[None]] | None = None
+    else:
+        try:
+            futures = [_fsync_pool().submit(_fsync_target, t) for t in targets]
+        except RuntimeError:  # interpreter shutting down: no new threads; do them in a row
+            futures = None
+    results: list[OSError | None] = []
+    if futures is None:
+        for t in targets:
+            try:
+                _fsync_target(t)
+                results.append(None)
+            except OSError as e:
+                results.append(e)
+        return results
+    for f in futures:
+        e = f.exception()  # waits for it
+        if e is not None and not isinstance(e, OSError):
+            raise e
+        results.append(e)
+    return results
 
 
 def unlink_quietly(path: Path) -> None:
@@ -84,16 +136,24 @@ def stage(tmp: Path, final: Path, parts: Iterable[bytes | Path], mode: int = 0o6
 
 
 def sync(staged: Sequence[Staged]) -> None:
-    """fsync and close every staged file; on error close the rest and remove them all."""
+    """fsync (concurrently) and close every staged file; on error remove them all."""
     try:
-        for s in staged:
-            if s.fd is not None:
-                os.fsync(s.fd)
-                os.close(s.fd)
-                s.fd = None
+        errors = fsync_many([s.fd for s in staged if s.fd is not None])
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            raise failed
+        close_synced(staged)
     except BaseException:
         discard(staged)
         raise
+
+
+def close_synced(staged: Sequence[Staged]) -> None:
+    """Close staged files that the caller fsynced itself (with `fsync_many`)."""
+    for s in staged:
+        if s.fd is not None:
+            os.close(s.fd)
+            s.fd = None
 
 
 def discard(staged: Sequence[Staged]) -> None:
