@@ -35,10 +35,12 @@ from mx.spool import QueueEntry, Spool
 
 __all__ = ["QueueWrite", "QueueUpdate", "QueueRemove", "Job", "commit_batch", "GroupCommitter", "MAX_BATCHES"]
 
-# Batches on disk at once. Measured (benchmarks/smtp_accept.py, 4 KiB, C=10/50): 1 -> 907/1063
-# msg/s, 2 -> 1056/1122 with the lowest p99, 4 -> 993/1078 with p99 128 ms: more parallel
-# batches group fewer messages each and cost more thread trips.
-MAX_BATCHES = 2
+# Batches on disk at once. With each batch's fsyncs one after the other, 2 was best (4 KiB,
+# C=10/50: 1 -> 907/1063 msg/s, 2 -> 1056/1122). Since a batch fsyncs its files concurrently
+# (durable.fsync_many), one batch at a time groups more and wins: one message per connection,
+# C=50: 1 -> 1477-1542 msg/s, p99 41-43 ms; 2 -> 1268-1312, p99 54-55; 3 -> 1104-1161;
+# 4 -> 1060-1085 (C=10: 903-913 against 782-888).
+MAX_BATCHES = 1
 
 
 @dataclass(frozen=True, slots=True)
