@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -33,14 +33,18 @@ from mx import maildir
 from mx.durable import Staged, close_synced, discard, fsync_many, publish
 from mx.spool import QueueEntry, Spool
 
-__all__ = ["QueueWrite", "QueueUpdate", "QueueRemove", "Job", "commit_batch", "GroupCommitter", "MAX_BATCHES"]
+__all__ = ["QueueWrite", "QueueUpdate", "QueueRemove", "Job", "commit_batch", "GroupCommitter", "MAX_BATCHES",
+           "OVERTAKE_AFTER"]
 
-# Batches on disk at once. With each batch's fsyncs one after the other, 2 was best (4 KiB,
-# C=10/50: 1 -> 907/1063 msg/s, 2 -> 1056/1122). Since a batch fsyncs its files concurrently
-# (durable.fsync_many), one batch at a time groups more and wins: one message per connection,
-# C=50: 1 -> 1477-1542 msg/s, p99 41-43 ms; 2 -> 1268-1312, p99 54-55; 3 -> 1104-1161;
-# 4 -> 1060-1085 (C=10: 903-913 against 782-888).
-MAX_BATCHES = 1
+# Batches on disk at once, and how long the running one has the disk to itself. With each
+# batch's fsyncs one after the other, two at once was best (4 KiB, C=10/50: 1 -> 907/1063
+# msg/s, 2 -> 1056/1122). Since a batch fsyncs its files concurrently (durable.fsync_many),
+# one at a time groups more and wins (one message per connection, C=50: one 1477-1542 msg/s,
+# p99 41-43 ms; two 1268-1312, p99 54-55; three 1104-1161; four 1060-1085). A second batch
+# still starts once the running one is slow (a big message, a stalled disk), so one job can
+# never hold up everyone else's for long.
+MAX_BATCHES = 2
+OVERTAKE_AFTER = 0.025  # seconds; a batch of 50 x 4 KiB takes ~5-15 ms here
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +156,17 @@ def _undo(job: Job, staged: Sequence[Staged], known: set[Path]) -> None:
 class GroupCommitter:
     """Runs `commit_batch` in the disk pool, waiting jobs together per thread trip."""
 
-    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, spool: Spool | None,
-                 max_batches: int = MAX_BATCHES) -> None:
-        self._reactor = reactor
+    def __init__(self, reactor: Any, pool: ThreadPool, spool: Spool | None,
+                 max_batches: int = MAX_BATCHES, overtake_after: float = OVERTAKE_AFTER) -> None:
+        self._reactor: IReactorFromThreads = reactor  # and IReactorTime, for the overtake timer
+        self._clock: IReactorTime = reactor
         self._pool = pool
         self._spool = spool
         self._max_batches = max_batches
+        self._overtake_after = overtake_after
         self._running = 0
+        self._started: list[float] = []  # start times of the running batches, oldest first
+        self._overtake: IDelayedCall | None = None
         self._pending: list[tuple[Job, frozenset[str], Deferred[list[Path]]]] = []
         self._on_disk: set[str] = set()  # queue ids in a running batch
         self._known: set[Path] = set()
@@ -196,12 +204,32 @@ class GroupCommitter:
         self._pending = held
         return batch
 
+    def _may_start(self) -> bool:
+        """A batch may start now: none is running, or the oldest has had the disk long enough
+        (else a timer asks again when it has)."""
+        if self._running >= self._max_batches:
+            return False
+        if not self._started:
+            return True
+        wait = self._started[0] + self._overtake_after - self._clock.seconds()
+        if wait <= 0:
+            return True
+        if self._overtake is None:
+            self._overtake = self._clock.callLater(wait, self._overtaken)
+        return False
+
+    def _overtaken(self) -> None:
+        self._overtake = None
+        self._kick()
+
     def _kick(self) -> None:
-        while self._pending and self._running < self._max_batches and not self._holds:
+        while self._pending and not self._holds and self._may_start():
             batch = self._take()
             if not batch:
                 return  # everything waits for a running batch
             self._running += 1
+            started = self._clock.seconds()
+            self._started.append(started)
             ids = frozenset().union(*(i for _j, i, _d in batch))
             self._on_disk |= ids
             jobs = [job for job, _i, _d in batch]
@@ -210,12 +238,17 @@ class GroupCommitter:
                 run = deferToThreadPool(self._reactor, self._pool, commit_batch, jobs, self._known, self._spool)
             except Exception:
                 # e.g. the pool is stopped: every waiting client must still get its 451
-                self._done(Failure(), waiting, ids)
+                self._done(Failure(), waiting, ids, started)
                 return
-            run.addBoth(self._done, waiting, ids)
+            run.addBoth(self._done, waiting, ids, started)
 
-    def _done(self, results: list[Any] | Failure, waiting: list[Deferred[list[Path]]], ids: frozenset[str]) -> None:
+    def _done(self, results: list[Any] | Failure, waiting: list[Deferred[list[Path]]], ids: frozenset[str],
+              started: float) -> None:
         self._running -= 1
+        self._started.remove(started)
+        if not self._started and self._overtake is not None:
+            self._overtake.cancel()
+            self._overtake = None
         self._on_disk -= ids
         for i, d in enumerate(waiting):
             if isinstance(results, Failure):
