@@ -49,6 +49,7 @@ from mx.dns import Resolver
 from mx.listeners import ConnectionRegistry, Service
 from mx.mailauth.gate import KEY_REFRESH, MailAuth
 from mx.durable import unlink_quietly
+from mx.fasttcp import direct_write
 from mx.imap.server import IMAPServerFactory
 from mx.pop3server import POP3ServerFactory
 from mx.relay import Relay
@@ -185,7 +186,7 @@ class MailService(service.MultiService):
         )
 
     def _listen(self, kind: Service, description: str, factory: ServerFactory) -> ServerFactory:
-        endpoint = endpoints.serverFromString(self.reactor, description)
+        endpoint = direct_write(endpoints.serverFromString(self.reactor, description))
         if kind.implicit_tls:  # RFC 8314: TLS from the first byte
             endpoint = endpoints.wrapServerTLS(self.tls, endpoint)
         svc = StreamServerEndpointService(endpoint, factory)
