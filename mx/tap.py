@@ -50,6 +50,7 @@ from mx.listeners import ConnectionRegistry, Service
 from mx.mailauth.gate import KEY_REFRESH, MailAuth
 from mx.durable import unlink_quietly
 from mx.fasttcp import direct_write
+from mx.fdlimit import SPARE_FDS, raise_nofile_limit
 from mx.imap.server import IMAPServerFactory
 from mx.pop3server import POP3ServerFactory
 from mx.relay import Relay
@@ -185,6 +186,16 @@ class MailService(service.MultiService):
             registry=self.registry,
         )
 
+    def _raise_file_limit(self) -> None:
+        wanted = self.config.limits.max_connections + SPARE_FDS
+        old, new, hard = raise_nofile_limit(wanted)
+        if new != old:
+            log.info("open-file limit raised from {old} to {new} (hard limit {hard})", old=old, new=new, hard=hard)
+        if new < wanted:
+            log.warn("open-file limit {new} is below limits.max_connections + {spare} = {wanted}: raise the "
+                     "hard limit (e.g. systemd LimitNOFILE=) or lower max_connections",
+                     new=new, spare=SPARE_FDS, wanted=wanted)
+
     def _listen(self, kind: Service, description: str, factory: ServerFactory) -> ServerFactory:
         endpoint = direct_write(endpoints.serverFromString(self.reactor, description))
         if kind.implicit_tls:  # RFC 8314: TLS from the first byte
@@ -251,6 +262,7 @@ class MailService(service.MultiService):
         return d
 
     def startService(self) -> None:
+        self._raise_file_limit()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         self.pool.start()
         self.auth_pool.start()
