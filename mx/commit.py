@@ -164,8 +164,7 @@ class GroupCommitter:
         self._spool = spool
         self._max_batches = max_batches
         self._overtake_after = overtake_after
-        self._running = 0
-        self._started: list[float] = []  # start times of the running batches, oldest first
+        self._started: list[float] = []  # start times of the batches on disk, oldest first
         self._overtake: IDelayedCall | None = None
         self._pending: list[tuple[Job, frozenset[str], Deferred[list[Path]]]] = []
         self._on_disk: set[str] = set()  # queue ids in a running batch
@@ -207,7 +206,7 @@ class GroupCommitter:
     def _may_start(self) -> bool:
         """A batch may start now: none is running, or the oldest has had the disk long enough
         (else a timer asks again when it has)."""
-        if self._running >= self._max_batches:
+        if len(self._started) >= self._max_batches:
             return False
         if not self._started:
             return True
@@ -227,7 +226,6 @@ class GroupCommitter:
             batch = self._take()
             if not batch:
                 return  # everything waits for a running batch
-            self._running += 1
             started = self._clock.seconds()
             self._started.append(started)
             ids = frozenset().union(*(i for _j, i, _d in batch))
@@ -244,7 +242,6 @@ class GroupCommitter:
 
     def _done(self, results: list[Any] | Failure, waiting: list[Deferred[list[Path]]], ids: frozenset[str],
               started: float) -> None:
-        self._running -= 1
         self._started.remove(started)
         if not self._started and self._overtake is not None:
             self._overtake.cancel()

@@ -50,11 +50,16 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def _fsync_target(target: int | Path | str) -> None:
-    if isinstance(target, int):
-        os.fsync(target)
-    else:
-        fsync_dir(target)
+def _fsync_one(target: int | Path | str) -> OSError | None:
+    """fsync an open fd, or a folder by path; its error, or None."""
+    try:
+        if isinstance(target, int):
+            os.fsync(target)
+        else:
+            fsync_dir(target)
+    except OSError as e:
+        return e
+    return None
 
 
 _executor: ThreadPoolExecutor | None = None
@@ -73,28 +78,14 @@ def fsync_many(targets: Sequence[int | Path | str]) -> list[OSError | None]:
     """fsync every target (an open fd, or a folder by path) concurrently; one result per
     target, None or its error. Returns only after every fsync returned, so the caller may
     close or remove any of them afterwards. Called from disk threads, never the reactor."""
-    if len(targets) <= 1:
-        futures: list[Future[None]] | None = None
-    else:
+    futures: list[Future[OSError | None]] = []
+    if len(targets) > 1:
         try:
-            futures = [_fsync_pool().submit(_fsync_target, t) for t in targets]
-        except RuntimeError:  # interpreter shutting down: no new threads; do them in a row
-            futures = None
-    results: list[OSError | None] = []
-    if futures is None:
-        for t in targets:
-            try:
-                _fsync_target(t)
-                results.append(None)
-            except OSError as e:
-                results.append(e)
-        return results
-    for f in futures:
-        e = f.exception()  # waits for it
-        if e is not None and not isinstance(e, OSError):
-            raise e
-        results.append(e)
-    return results
+            for t in targets:
+                futures.append(_fsync_pool().submit(_fsync_one, t))
+        except RuntimeError:  # interpreter shutting down: no new threads; the rest in a row
+            pass
+    return [f.result() for f in futures] + [_fsync_one(t) for t in targets[len(futures):]]
 
 
 def unlink_quietly(path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import resource
 
-__all__ = ["raise_nofile_limit", "SPARE_FDS"]
+__all__ = ["raise_nofile_limit", "below", "SPARE_FDS"]
 
 SPARE_FDS = 64  # files beyond the connections: listeners, Maildir and queue files, logs, pipes
 
@@ -19,14 +19,19 @@ def raise_nofile_limit(wanted: int) -> tuple[int, int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit (or leave it if it is higher already).
 
     Returns (old soft, new soft, hard). `wanted` (the connections plus spare) is the target
-    only when there is no hard limit; callers warn when the result is below it."""
+    only when there is no hard limit; callers warn when `below(new, wanted)`."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
-    if soft != resource.RLIM_INFINITY and target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            target = soft
-    else:
-        target = soft
-    return soft, target, hard
+    if soft != resource.RLIM_INFINITY:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return soft, target, hard
+            except (ValueError, OSError):
+                pass
+    return soft, soft, hard
+
+
+def below(limit: int, wanted: int) -> bool:
+    """Whether a limit (RLIM_INFINITY for none) is less than `wanted`."""
+    return limit != resource.RLIM_INFINITY and limit < wanted

@@ -50,7 +50,7 @@ from mx.listeners import ConnectionRegistry, Service
 from mx.mailauth.gate import KEY_REFRESH, MailAuth
 from mx.durable import unlink_quietly
 from mx.fasttcp import direct_write
-from mx.fdlimit import SPARE_FDS, raise_nofile_limit
+from mx.fdlimit import SPARE_FDS, below, raise_nofile_limit
 from mx.imap.server import IMAPServerFactory
 from mx.pop3server import POP3ServerFactory
 from mx.relay import Relay
@@ -191,7 +191,7 @@ class MailService(service.MultiService):
         old, new, hard = raise_nofile_limit(wanted)
         if new != old:
             log.info("open-file limit raised from {old} to {new} (hard limit {hard})", old=old, new=new, hard=hard)
-        if new < wanted:
+        if below(new, wanted):
             log.warn("open-file limit {new} is below limits.max_connections + {spare} = {wanted}: raise the "
                      "hard limit (e.g. systemd LimitNOFILE=) or lower max_connections",
                      new=new, spare=SPARE_FDS, wanted=wanted)

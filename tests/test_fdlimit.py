@@ -28,3 +28,12 @@ class RaiseTests(unittest.TestCase):
         self.assertEqual(now, new)
         if hard != -1:  # RLIM_INFINITY
             self.assertEqual(new, hard)
+
+    def test_no_limit_is_never_below(self) -> None:
+        import resource
+
+        from mx.fdlimit import below
+
+        self.assertFalse(below(resource.RLIM_INFINITY, 10_000))
+        self.assertTrue(below(1024, 1064))
+        self.assertFalse(below(20000, 1064))
