@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mx import mime
+from mx.imap import fetch
 from mx.imap.fetch import (
     FetchError,
     FetchPlan,
@@ -425,6 +426,55 @@ class EnvelopeTests(SynchronousTestCase):
     def test_embedded_message(self) -> None:
         root = mime.scan(MESSAGE)
         self.assertEqual(envelope(MESSAGE, root.find("2").message), b'(NIL "inner" NIL NIL NIL NIL NIL NIL NIL NIL)')
+
+
+HEADER_PIECES = [b"From:", b"from :", b"To:", b"cc:", b"Subject:", b"subject\t:", b"Date: ", b"In-Reply-To:",
+                 b"Message-ID:", b"Sender:", b"Reply-To:", b"BCC:", b"X-To:", b"Top:", b"to-x:", b" ", b"\t",
+                 b"\r\n", b"\n", b"\r", b"a@b", b"x", b":", b"\x00", b"\xc3\xa9", b"Received: by x"]
+
+
+def envelope_fields_by_walk(data: bytes, part: mime.Part) -> tuple[list[bytes | None], dict[int, list[bytes]]]:
+    """The reference for fetch.envelope_fields: every line walked by fetch._fields."""
+    strings: list[bytes | None] = [None] * 10
+    lists: dict[int, list[bytes]] = {}
+    for name, _s, v, end in fetch._fields(data, part.offset, part.body_offset):
+        if name in fetch._STRING_FIELDS:
+            strings[fetch._STRING_FIELDS[name]] = fetch._value(data, v, end)
+        elif name in fetch._ADDRESS_FIELDS:
+            lists.setdefault(fetch._ADDRESS_FIELDS[name], []).append(fetch._value(data, v, end))
+    return strings, lists
+
+
+class EnvelopeFieldTests(SynchronousTestCase):
+    """ENVELOPE finds its fields by one regex; it must find what walking every line finds."""
+
+    def check(self, header: bytes) -> None:
+        for data in (header, header + b"\r\n\r\nbody", header + b"\n\nbody"):
+            root = mime.scan(data)
+            self.assertEqual(fetch.envelope_fields(data, root), envelope_fields_by_walk(data, root), data)
+            self.assertEqual(envelope(data, root), envelope(data, root))  # the address list cache
+
+    def test_cases(self) -> None:
+        for header, _expected in ENVELOPES:
+            self.check(header)
+        self.check(b"From: a@b\r\n  continued\r\nTo: c@d")
+        self.check(b" To: c@d\r\nFrom: x@y")  # a first line of white space is no field
+        self.check(b"junk\r\n To: c@d")  # continues a line that is no field
+
+    def test_seeded_headers(self) -> None:
+        import random
+        rng = random.Random(822)
+        for _ in range(5000):
+            self.check(b"".join(rng.choice(HEADER_PIECES) for _ in range(rng.randrange(16))))
+
+    @PROPERTY
+    @given(st.lists(st.sampled_from(HEADER_PIECES), max_size=24))
+    def test_random_headers(self, pieces: list[bytes]) -> None:
+        self.check(b"".join(pieces))
+
+    def test_embedded_message(self) -> None:
+        part = mime.scan(MESSAGE).find("2").message
+        self.assertEqual(fetch.envelope_fields(MESSAGE, part), envelope_fields_by_walk(MESSAGE, part))
 
 
 STRUCTURES = [

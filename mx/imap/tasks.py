@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +94,22 @@ def folder_status(mailbox: Mailbox, name: str) -> dict[str, int]:
 
 
 def read_message(folder: Folder, uid: int) -> bytes:
-    with folder.open_message(uid) as fh:
-        return fh.read()
+    fd, size = folder.open_message_fd(uid)
+    try:
+        # One read of the size the name gives, plus one octet to see the end of file (a
+        # read of a regular file is short only at its end); a name whose size is too small
+        # costs a few more reads, never a wrong answer.
+        data = os.read(fd, size + 1)
+        if len(data) <= size:
+            return data
+        chunks = [data]
+        while True:
+            more = os.read(fd, 1 << 20)
+            if not more:
+                return b"".join(chunks)
+            chunks.append(more)
+    finally:
+        os.close(fd)
 
 
 def append_message(mailbox: Mailbox, name: str, data: bytes, flags: list[str], date: float | None) -> tuple[int, int]:
@@ -306,16 +321,19 @@ class _FlagNames:
 
 def read_header(folder: Folder, uid: int) -> bytes:
     """The message's header, up to and with its empty line (all of it if it has none)."""
-    with folder.open_message(uid) as fh:
-        data = fh.read(_HEADER_READ)
+    fd, _size = folder.open_message_fd(uid)
+    try:
+        data = os.read(fd, _HEADER_READ)
         while True:
             end = _header_end(data)
             if end >= 0:
                 return data[:end]
-            more = fh.read(_HEADER_READ)
+            more = os.read(fd, _HEADER_READ)
             if not more:
                 return data
             data += more
+    finally:
+        os.close(fd)
 
 
 _HEADER_READ = 16 * 1024
