@@ -286,11 +286,19 @@ def _value(data: bytes, value_start: int, end: int) -> bytes:
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
+# Every octet but NUL, CR and LF: what `translate` drops to leave a message's line ends.
+_NOT_NUL_CR_LF = bytes(c for c in range(256) if c not in (0x00, 0x0D, 0x0A))
+
+
 def _wire(octets: bytes) -> bytes:
     """`octets` as sent: bare LF as CRLF, NUL as 0x80 (Dovecot; NUL is no CHAR8, §9)."""
-    if b"\x00" in octets:
+    # One C pass keeps only NUL, CR and LF (a few hundred octets for a whole message);
+    # the checks run on that. Two counts over the message cost twice as much, and this
+    # is most of a BODY[] FETCH's time.
+    ends = octets.translate(None, _NOT_NUL_CR_LF)
+    if b"\x00" in ends:
         octets = octets.replace(b"\x00", b"\x80")
-    if octets.count(b"\n") != octets.count(b"\r\n"):
+    if ends.count(b"\n") != ends.count(b"\r\n"):
         octets = _BARE_LF.sub(b"\r\n", octets)
     return octets
 
