@@ -80,5 +80,30 @@ class FlagSearchTests(_Folder):
             self.assertEqual(fast, slow, text)
         for text in ("UID 1:3 UNSEEN", "1:2 SEEN", "LARGER 10", "SUBJECT x"):
             self.assertFalse(tasks._flags_decide(query(text).key), text)
-        self.assertEqual(tasks.run_search(self.folder, self.view, query("UNSEEN")),
+        self.assertEqual([u for _s, u in tasks.run_search(self.folder, self.view, query("UNSEEN"))],
                          [i.uid for i in self.folder.messages() if "S" not in i.flags])
+
+
+class LettersTests(_Folder):
+    """View.letters walks `info` in its own order only while that order is `uids`' order."""
+
+    def expected(self) -> list[frozenset[str]]:
+        return [self.view.info[u].flags for u in self.view.uids]
+
+    def test_in_order(self) -> None:
+        self.assertEqual(self.view.letters(), self.expected())
+        self.assertEqual(self.view.unseen_count(), sum("S" not in f for f in self.expected()))
+
+    def test_dict_out_of_order(self) -> None:
+        infos = list(self.folder.messages())
+        view = View.open({i.uid: i for i in reversed(infos)}, [], {}, 1, 99, False)
+        self.assertEqual(view.letters(), [view.info[u].flags for u in view.uids])
+
+    def test_insertion_below_the_top(self) -> None:
+        from mx.store.folder import Changes
+        infos = sorted(self.folder.messages(), key=lambda i: i.uid)
+        view = View.open({i.uid: i for i in infos[1:]}, [], {}, 1, 99, False)
+        self.assertEqual(view.letters(), [view.info[u].flags for u in view.uids])  # checked: in order
+        view.apply(Changes(new=(infos[0],), vanished=(), flags=()), [], {}, 99, True)
+        self.assertEqual(view.uids[0], infos[0].uid)
+        self.assertEqual(view.letters(), [view.info[u].flags for u in view.uids])

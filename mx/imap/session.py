@@ -775,8 +775,8 @@ class Session:
         except search.SearchError as e:
             raise bad(str(e)) from None
         hits = await self.store(tasks.run_search, self.folder, view, query)
-        numbers = hits if by_uid else [view.seq_of(u) for u in hits]
-        self.link.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers if n is not None) + b"\r\n")
+        numbers = [u if by_uid else s for s, u in hits]
+        self.link.write(b"* SEARCH" + "".join(map(" %d".__mod__, numbers)).encode() + b"\r\n")
         return tagged(cmd.tag, "OK", f"{cmd.name} completed")
 
     async def do_UID_SEARCH(self, cmd: Command) -> bytes:

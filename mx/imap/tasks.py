@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 from mx import mime
@@ -257,9 +258,10 @@ def _flags_decide(key: search.Key) -> bool:
     return key.name in _FLAG_ONLY and all(_flags_decide(k) for k in key.keys)
 
 
-def run_search(folder: Folder, view: View, query: search.Query) -> list[int]:
+def run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[int, int]]:
+    """(seq, uid) of the messages the query matches, in ascending order."""
     need = query.need
-    hits: list[int] = []
+    hits: list[tuple[int, int]] = []
     max_seq = len(view.uids)
     max_uid = view.uids[-1] if view.uids else 0
     dates = folder.internaldates(list(view.uids)) if need >= search.Need.DATE else {}
@@ -267,18 +269,7 @@ def run_search(folder: Folder, view: View, query: search.Query) -> list[int]:
     info_of, recent = view.info, view.recent
     test = query.test
     if _flags_decide(query.key):
-        # SEARCH UNSEEN and friends: one answer per distinct flag set, then one dict
-        # lookup per message (a folder has a handful of flag combinations).
-        answers: dict[tuple[frozenset[str], bool], bool] = {}
-        for seq, uid in enumerate(view.uids, 1):
-            key = (info_of[uid].flags, uid in recent)
-            hit = answers.get(key)
-            if hit is None:
-                c = Candidate(seq, uid, names.set(*key), info_of[uid].size, None)
-                hit = answers[key] = test(c, max_seq, max_uid, None)
-            if hit:
-                hits.append(uid)
-        return hits
+        return _search_flags(view, names, test)
     for seq, uid in enumerate(view.uids, 1):
         info = info_of[uid]
         c = Candidate(seq, uid, names.set(info.flags, uid in recent), info.size, dates.get(uid))
@@ -289,10 +280,36 @@ def run_search(folder: Folder, view: View, query: search.Query) -> list[int]:
                 continue
             c.root = mime.scan(c.data)
             if search.matches(query, c, max_seq=max_seq, max_uid=max_uid):
-                hits.append(uid)
+                hits.append((seq, uid))
         elif test(c, max_seq, max_uid, None):  # what `matches` does for flag/date keys
-            hits.append(uid)
+            hits.append((seq, uid))
     return hits
+
+
+def _search_flags(view: View, names: _FlagNames, test: Any) -> list[tuple[int, int]]:
+    """SEARCH UNSEEN and friends: one answer per distinct flag set (a folder has a handful
+    of flag combinations), then a list of answers picked by C loops (`compress`), not a
+    Python step per message; \\Recent (a few messages) is put right afterwards."""
+    uids, recent = view.uids, view.recent
+    max_seq, max_uid = len(uids), (uids[-1] if uids else 0)
+    answers: dict[tuple[frozenset[str], bool], bool] = {}
+
+    def answer(seq: int, uid: int, letters: frozenset[str], is_recent: bool) -> bool:
+        key = (letters, is_recent)
+        hit = answers.get(key)
+        if hit is None:
+            c = Candidate(seq, uid, names.set(letters, is_recent), 0, None)  # flag keys read flags only
+            hit = answers[key] = bool(test(c, max_seq, max_uid, None))
+        return hit
+
+    letters = view.letters()
+    by_letters = {f: answer(0, 0, f, False) for f in set(letters)}
+    wanted = list(map(by_letters.__getitem__, letters))
+    for uid in recent:
+        seq = view.seq_of(uid)
+        if seq is not None:
+            wanted[seq - 1] = answer(seq, uid, letters[seq - 1], True)
+    return list(zip(compress(range(1, max_seq + 1), wanted), compress(uids, wanted)))
 
 
 class _FlagNames:
