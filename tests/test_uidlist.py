@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mx.store import dotlock, uidlist, utf7
@@ -105,6 +107,43 @@ class UidListFormatTests(SynchronousTestCase):
         future = int(time.time()) + 1000
         self.assertEqual(uidlist.new_uidvalidity(future), future + 1)
         self.assertGreaterEqual(uidlist.new_uidvalidity(0), int(time.time()) - 1)
+
+
+# Record lines near the simple shape "<uid> :<base>": digits, fields, colons, slashes, spaces.
+_LINE = st.text(alphabet="0123456789 :/ABWx.,=\u0663", max_size=14)
+
+
+class SimpleSplitTests(SynchronousTestCase):
+    """`_split_simple` is a shortcut for `_RECORD`: where it answers, it must read every line
+    as the regex does; where it declines, the regex (and then the careful loop) decides."""
+
+    def check(self, lines: list[str]) -> None:
+        body = "".join(line + "\n" for line in lines)
+        simple = uidlist._split_simple(body)
+        if simple is None:
+            return
+        recs = uidlist._RECORD.findall(body)
+        self.assertEqual(len(recs), len(lines), body)
+        self.assertEqual([(u, "", b) for u, b in zip(*simple)], recs, body)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(_LINE, max_size=6))
+    def test_agrees_with_the_regex(self, lines: list[str]) -> None:
+        self.check(lines)
+
+    def test_declines_what_it_does_not_read(self) -> None:
+        for body in ["01 :a\n", "1 W2 :a\n", "1 :a/b\n", "1 :a:b\n", "1 :\n", " :a\n",
+                     "12345678901 :a\n", "1 2 :a\n", "\u0663 :a\n", "1:a\n", "1 :a"]:
+            self.assertIsNone(uidlist._split_simple(body), body)
+        self.assertEqual(uidlist._split_simple("1 :a b\n7 :c\n"), (["1", "7"], ["a b", "c"]))
+
+    def test_parse_same_either_way(self) -> None:
+        head = "3 V1 N9 G3085f01b7f11094c501100008c4a11c1\n"
+        plain = parse((head + "1 :a\n5 :b\n").encode())
+        fielded = parse((head + "1 :a\n5 W3 :b\n").encode())
+        self.assertEqual(plain.uids, fielded.uids)
+        self.assertEqual((plain.fields, fielded.fields), ({}, {"b": "W3"}))
+        self.assertEqual(plain.next_uid, 9)
 
 
 class DotLockTests(SynchronousTestCase):

@@ -46,13 +46,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from mx.durable import Staged
 from mx.store import uidlist, write
 from mx.store.dotlock import DotLock
 from mx.store.errors import MessageGone, StoreError
-from mx.store.flags import EMPTY, Keywords, check_flags, info_name, size_field, split_name
+from mx.store.flags import EMPTY, Keywords, _flagset, check_flags, info_name, size_field, split_name
 
 __all__ = ["MessageInfo", "Changes", "Folder", "clean_tmp", "arrival_key"]
 
@@ -61,8 +61,10 @@ _QUIET_SECONDS = 2.0  # mtimes younger than this may hide a later change in the 
 _CUR, _NEW = "cur", "new"
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
+    """One message as the folder last saw it. A named tuple, not a frozen dataclass: one is
+    made per message on every listing, and a tuple is built in a third of the time."""
+
     uid: int
     base: str  # file name before ":2," (the dovecot-uidlist key)
     name: str  # current file name (no folder part)
@@ -235,7 +237,7 @@ class Folder:
                 return reused
         listing = self._list()
         ul, ul_stamp, why = self._read_list()
-        if ul is None or ul.dirty or any(b not in ul.uids for b in listing.files):
+        if ul is None or ul.dirty or not ul.uids.keys() >= listing.files.keys():
             ul, ul_stamp, listing = self._assign_locked()
         changes = self._rebuild(ul, listing)
         moved = self._take_new() if self.take_new and listing.in_new else 0
@@ -321,6 +323,7 @@ class Folder:
         fields: dict[int, str] = {}
         new: list[MessageInfo] = []
         reflagged: list[MessageInfo] = []
+        make_info = self._make_info
         for base, uid in ul.uids.items():
             found = files.get(base)
             if found is None:
@@ -330,7 +333,7 @@ class Folder:
             if prev is not None and prev.name == name and prev.subdir == sub:
                 info: MessageInfo | None = prev
             else:
-                info = self._make_info(uid, sub, name)
+                info = make_info(uid, sub, name)
                 if info is None:
                     continue
                 if prev is None:
@@ -351,7 +354,8 @@ class Folder:
         if i < 0:
             base, flags = name, EMPTY
         else:
-            base, flags = split_name(name)
+            base = name[:i]
+            flags = _flagset(name[i + 3 :]) if name.startswith("2,", i + 1) else EMPTY
         size = vsize = None
         j = base.find(",S=")
         if j >= 0:

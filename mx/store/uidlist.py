@@ -28,6 +28,7 @@ Invariants:
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import secrets
@@ -117,21 +118,49 @@ def _parse_fast(text: str) -> UidList | None:
     head, nl, body = text.partition("\n")
     if not nl or (body and body[-1] != "\n") or not head.startswith("3 "):
         return None
-    recs = _RECORD.findall(body)
-    if len(recs) != body.count("\n"):
+    simple = _split_simple(body)
+    if simple is not None:  # every record "<uid> :<base>": no regex, no tuple per line
+        heads, bases = simple
+        recs = None
+        uids = list(map(int, heads))
+    else:
+        recs = _RECORD.findall(body)
+        if len(recs) != body.count("\n"):
+            return None
+        uids = [int(u) for u, _f, _b in recs]
+        bases = [b for _u, _f, b in recs]
+    if not all(map(operator.lt, uids, uids[1:])) or (uids and uids[-1] >= _MAX_UID):
         return None
-    uids = [int(u) for u, _f, _b in recs]
-    if any(a >= b for a, b in zip(uids, uids[1:])) or (uids and uids[-1] >= _MAX_UID):
-        return None
-    table = dict(zip([b for _u, _f, b in recs], uids))
-    if len(table) != len(recs):
+    table = dict(zip(bases, uids))
+    if len(table) != len(uids):
         return None
     v, n, guid, extra, _version = _header(head)
     if not guid:
         return None
     ul = UidList(v, max(n, uids[-1] + 1) if uids else n, guid, table,
-                 {b: f for _u, f, b in recs if f}, extra)
+                 {b: f for _u, f, b in recs if f} if recs is not None else {}, extra)
     return ul
+
+
+def _split_simple(body: str) -> tuple[list[str], list[str]] | None:
+    """(uids, bases) as text when every line of `body` is `<uid> :<base>` as `_RECORD`
+    reads it without fields; None otherwise (then the regex decides). A base holds no
+    ":", so " :" is each line's one separator: one replace and one split do every line."""
+    toks = body.replace(" :", "\n").split("\n")
+    lines = body.count("\n")
+    if len(toks) != 2 * lines + 1 or toks[-1]:
+        return None
+    heads, bases = toks[0:-1:2], toks[1::2]
+    digits = "".join(heads)
+    if not (digits.isascii() and digits.isdigit()) or "" in heads or "" in bases:
+        return None  # fields, or an empty uid or base
+    joined = "\n" + "\n".join(heads)
+    if "\n0" in joined or max(map(len, heads), default=0) > 10:
+        return None  # a leading zero, or more digits than _RECORD takes
+    names = "\n".join(bases)
+    if "/" in names or ":" in names:
+        return None
+    return heads, bases
 
 
 def parse(data: bytes) -> UidList:
