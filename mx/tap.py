@@ -41,6 +41,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from mx import config as configmod
+from mx import logtext
 from mx.config import Config
 from mx.auth import Authenticator
 from mx.control import POLL_INTERVAL, ServerLock, control_dir, read_requests
@@ -76,6 +77,12 @@ SHUTDOWN_GRACE = 10.0  # seconds a busy connection gets to finish at shutdown
 
 class Options(usage.Options):
     optParameters = [["config", "c", None, "Path to mx.toml (default: ./etc/mx.toml if present, else built-in defaults)"]]
+
+    def postOptions(self) -> None:
+        # twistd's text log, written by mx.logtext's faster formatter (same lines), unless
+        # the operator chose an observer (--logger) or syslog.
+        if self.parent is not None:
+            logtext.use_with(self.parent)
 
 
 class MailService(service.MultiService):
