@@ -34,12 +34,17 @@ SMTP sink that advertises PIPELINING (default: it uses a fraction of the CPU aio
 needs); `aiosmtpd`, whose handle_DATA just counts (no PIPELINING, so mx makes one round
 trip per command -- 50 RCPT round trips per fanout message).
 
-No peer comparison: there is no Python relay MTA to compare with, and Postfix cannot be
-installed here without side effects.
+Peer (goal 2 of issue 11): a private Postfix (postfix_peer.py, own config and queue
+directory, loopback ports) relaying the same backlog to the same raw sink: `virtual_alias_maps`
+expand the same aliases, `relayhost = [127.0.0.1]:<sink>`, everything else default.  Its fill
+runs with the sink down until all messages are in its deferred queue, then the sink and a
+fresh Postfix start and `postqueue -f` starts the clock; CPU is master and all its children,
+memory their PSS.  Ratio lines: mx/postfix msg/s and Postfix's CPU per 1,000 over mx's.
 
 How to run:
     python3 benchmarks/relay.py                  # spread 5,000 + fanout 1,000, raw sink
     python3 benchmarks/relay.py --quick          # spread 500 + fanout 100
+    python3 benchmarks/relay.py --servers mx     # mx only, no Postfix
     python3 benchmarks/relay.py --scenario fanout --sink raw,aiosmtpd --json out.json
 Exit status 1 if a run failed, timed out (--timeout: total budget, 600 s), or the sink's
 count does not match.  Figures are noisy on a shared VM: compare within one run.
@@ -48,6 +53,7 @@ import argparse, asyncio, json, os, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from smtp_accept import MX_TOML, SENDER, MxServer, Server, make_message, read_reply  # noqa: E402
+import postfix_peer  # noqa: E402
 
 NRCPT = 50
 RELAY_TOML = '[relay]\nsmarthost = "127.0.0.1:{sink}"\nretry = ["1h"]\ndelay_warning = ""\n'
@@ -210,6 +216,48 @@ class RelayMx(MxServer):
                               capture_output=True, timeout=60)
 
 
+class RelayPostfix(postfix_peer.PostfixPeer):
+    """A private Postfix relaying the same aliases to the same sink: `virtual_alias_maps`
+    expand a<i>/all@example.test as mx's [aliases] do, `relayhost = [127.0.0.1]:<sink>`
+    (the issue's "default_transport to the sink as its relayhost": smtp is the default
+    transport). Everything else is Postfix's default (20 connections per destination,
+    connection cache, 50 recipients per transaction, PIPELINING)."""
+
+    name = "postfix"
+
+    def __init__(self, sink_port):
+        super().__init__(users=[], domain="vmail.invalid")
+        self.extra_main_cf = (
+            "relayhost=[127.0.0.1]:%d" % sink_port,
+            "virtual_alias_domains=example.test",
+            "virtual_alias_maps=texthash:%s/valias" % self.conf,
+            "smtp_tls_security_level=none",
+        )
+
+    def prepare(self):
+        super().prepare()
+        with open(os.path.join(self.conf, "valias"), "w") as f:
+            for i in range(NRCPT):
+                f.write("a%d@example.test r%d@remote.test\n" % (i, i))
+            f.write("all@example.test %s\n" % ", ".join("r%d@remote.test" % i for i in range(NRCPT)))
+        with open(os.path.join(self.conf, "master.cf"), "a") as f:
+            # postqueue -f refuses ("mail system is down") without the pickup fifo
+            f.write("pickup    fifo  n       -       n       60      1       pickup\n")
+
+    def deferred(self):
+        n = 0
+        for _, _, files in os.walk(os.path.join(self.queue, "deferred")):
+            n += len(files)
+        return n
+
+    def flush(self):
+        return subprocess.run(["/usr/sbin/postqueue", "-c", self.conf, "-f"],
+                              capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def log_count(self, needle):
+        return self.log_tail(1 << 26).count(needle)
+
+
 # --- Injection (fill phase) -------------------------------------------------------------
 
 
@@ -268,7 +316,8 @@ def run_one(scenario, sink_kind, n, deadline):
     expected = n * per_msg
     rcpt_of = (lambda s: "all@example.test") if scenario == "fanout" else \
         (lambda s: "a%d@example.test" % (s % NRCPT))
-    res = {"scenario": scenario, "sink": sink_kind, "messages": n, "expected_pairs": expected,
+    res = {"server": "mx", "scenario": scenario, "sink": sink_kind, "messages": n,
+           "expected_pairs": expected,
            "errors": []}
     sink = Sink(sink_kind)
     mx = RelayMx(sink.port)
@@ -344,11 +393,88 @@ def run_one(scenario, sink_kind, n, deadline):
     return res
 
 
+def run_postfix(scenario, n, deadline):
+    """The same backlog for Postfix: fill with the sink down (every message deferred, its
+    next attempt minutes away), stop, start the sink and a fresh Postfix, `postqueue -f`
+    starts the clock; done when its queue is empty and the sink has every pair."""
+    per_msg = NRCPT if scenario == "fanout" else 1
+    expected = n * per_msg
+    rcpt_of = (lambda s: "all@example.test") if scenario == "fanout" else \
+        (lambda s: "a%d@example.test" % (s % NRCPT))
+    res = {"server": "postfix", "scenario": scenario, "sink": "raw", "messages": n,
+           "expected_pairs": expected, "errors": []}
+    sink = Sink("raw")
+    pf = RelayPostfix(sink.port)
+    try:
+        pf.start()
+        res["rss_idle_mib"] = pf.pss_mib()
+        t0 = time.perf_counter()
+        st = asyncio.run(inject(pf.port, n, rcpt_of, max(1.0, deadline - time.monotonic())))
+        res["inject_msgs_per_s"] = st["ok"] / (time.perf_counter() - t0)
+        res["errors"] += st["errors"][:20]
+        if st["ok"] != n:
+            raise RuntimeError("only %d of %d messages accepted: %s" % (st["ok"], n, st["errors"][:3]))
+        wait_for(lambda: pf.deferred() >= n, min(deadline, time.monotonic() + 120), 0.5)
+        res["fill_queue"] = pf.queued()
+        res["fill_deferrals"] = pf.deferred()
+        pf.stop()
+        if res["fill_deferrals"] != n:
+            raise RuntimeError("%d of %d messages in Postfix's deferred queue after the fill"
+                               % (res["fill_deferrals"], n))
+        sink.start()
+        t_launch = time.monotonic()
+        pf.start()
+        res["load_s"] = time.monotonic() - t_launch
+        res["rss_loaded_mib"] = pf.pss_mib()
+        cpu0, sink_cpu0 = pf.cpu_seconds(), sink.cpu_seconds()
+        t_flush, w0 = time.monotonic(), time.time()
+        r = pf.flush()
+        if r.returncode:
+            raise RuntimeError("postqueue -f failed: %s" % (r.stdout + r.stderr).decode()[-500:])
+        peak = [0.0]
+
+        def drained():
+            if pf.queued():
+                return False
+            return sink.stats().get("pairs", 0) >= expected
+        finished = wait_for(drained, deadline, 0.05)
+        elapsed = time.monotonic() - t_flush
+        cpu, sink_cpu = pf.cpu_seconds() - cpu0, sink.cpu_seconds() - sink_cpu0
+        peak[0] = pf.pss_mib()
+        time.sleep(0.2)
+        s = sink.stats()
+        if not finished:
+            res["errors"].append("TIMEOUT: %d files left in the queue, sink has %d/%d"
+                                 % (pf.queued(), s.get("pairs", 0), expected))
+        span = (s["last"] - s["first"]) if s.get("first") else 0
+        res.update(
+            finished=finished, drain_s=elapsed, msgs_per_s=s.get("messages", 0) / elapsed,
+            rcpts_per_s=s.get("rcpts", 0) / elapsed,
+            sink_msgs_per_s=(s["messages"] - 1) / span if span > 0 else float("nan"),
+            first_delivery_s=(s["first"] - w0) if s.get("first") else float("nan"),
+            server_cpu_s=cpu, cpu_s_per_1k=cpu / n * 1000, peak_rss_mib=peak[0],
+            sink_busy=sink_cpu / elapsed, sink_stats=s, queue_left=pf.queued(),
+            ok=finished and s.get("pairs") == expected and not s.get("dups")
+            and not s.get("unknown"))
+    except Exception as e:
+        res["errors"].append(str(e))
+        res["ok"] = False
+    finally:
+        pf.stop()
+        sink.stop()
+        res["log_errors"] = [e for e in pf.log_errors() if "status=deferred" not in e
+                             and "connect to 127.0.0.1" not in e][:20]
+        pf.cleanup()
+        sink.cleanup()
+    return res
+
+
 # --- Reporting ---------------------------------------------------------------------------
 
 
 def describe(r):
-    s = "%-6s sink=%-8s n=%-5d " % (r["scenario"], r["sink"], r["messages"])
+    s = "%-7s %-6s sink=%-8s n=%-5d " % (r.get("server", "mx"), r["scenario"], r["sink"],
+                                         r["messages"])
     if "drain_s" not in r:
         return s + "FAILED: " + "; ".join(r["errors"])[:2000]
     st = r["sink_stats"]
@@ -366,29 +492,40 @@ def describe(r):
     for line in r.get("fill_log_errors", [])[:3]:
         s += "\n    mx log (fill, sink down): " + line[:300]
     for line in r["log_errors"][:5]:
-        s += "\n    mx log (drain): " + line[:300]
+        s += "\n    %s log (drain): " % r.get("server", "mx") + line[:300]
     return s
 
 
 def table(results):
-    head = ("%-7s %-8s %6s %6s %7s %8s %8s %8s %7s %7s %8s %7s %6s %11s %4s"
-            % ("scen", "sink", "msgs", "rcpts", "drain s", "msg/s", "rcpt/s", "sink m/s",
+    head = ("%-7s %-7s %-8s %6s %6s %7s %8s %8s %8s %7s %7s %8s %7s %6s %11s %4s"
+            % ("server", "scen", "sink", "msgs", "rcpts", "drain s", "msg/s", "rcpt/s", "sink m/s",
                "CPU/1k", "HWM MiB", "RSS load", "load s", "sink%", "got/exp", "dup"))
     out = [head, "-" * len(head)]
     for r in results:
         if "drain_s" not in r:
-            out.append("%-7s %-8s %6d  FAILED" % (r["scenario"], r["sink"], r["messages"]))
+            out.append("%-7s %-7s %-8s %6d  FAILED" % (r.get("server", "mx"), r["scenario"],
+                                                     r["sink"], r["messages"]))
             continue
         st = r["sink_stats"]
-        out.append("%-7s %-8s %6d %6d %7.1f %8s %8.1f %8.1f %7.2f %7.1f %8.1f %7.2f %5.0f%% %11s %4d" % (
-            r["scenario"], r["sink"], r["messages"], r["expected_pairs"], r["drain_s"],
+        out.append("%-7s %-7s %-8s %6d %6d %7.1f %8s %8.1f %8.1f %7.2f %7.1f %8.1f %7.2f %5.0f%% %11s %4d" % (
+            r.get("server", "mx"), r["scenario"], r["sink"], r["messages"], r["expected_pairs"], r["drain_s"],
             "%.1f%s" % (r["msgs_per_s"], "" if r["ok"] else "!"), r["rcpts_per_s"],
             r["sink_msgs_per_s"], r["cpu_s_per_1k"], r["peak_rss_mib"], r["rss_loaded_mib"], r["load_s"],
             100 * r["sink_busy"], "%d/%d" % (st.get("pairs", 0), r["expected_pairs"]),
             st.get("dups", 0)))
-    out.append("msg/s, rcpt/s: `mx queue flush` to empty queue; sink m/s: first to last message"
-               " at the sink\nCPU/1k: mx CPU s per 1,000 msgs; HWM: mx peak VmHWM; RSS load: "
-               "VmRSS with the queue loaded\nload s: start until queue loaded; "
+    for scen in dict.fromkeys(r["scenario"] for r in results):
+        by = {r.get("server"): r for r in results if r["scenario"] == scen and "drain_s" in r
+              and r["sink"] == "raw"}
+        if "mx" in by and "postfix" in by:
+            m, p = by["mx"], by["postfix"]
+            out.append("%-7s mx/postfix msg/s %.2fx, CPU/1k postfix/mx %.2fx"
+                       % (scen, m["msgs_per_s"] / p["msgs_per_s"],
+                          p["cpu_s_per_1k"] / m["cpu_s_per_1k"]))
+    out.append("msg/s, rcpt/s: `mx queue flush` (`postqueue -f`) to empty queue; sink m/s: first"
+               " to last message at the sink\nCPU/1k: server CPU s per 1,000 msgs (Postfix: master"
+               " and all its processes); HWM: mx VmHWM, Postfix PSS sum after the drain\n"
+               "RSS load: mx VmRSS (Postfix PSS sum) with the queue loaded; load s: start until"
+               " the queue is loaded (Postfix: until its 220)\n"
                "! = timed out, missing, duplicate or unexpected messages")
     return "\n".join(out)
 
@@ -396,6 +533,7 @@ def table(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenario", default="spread,fanout", help="spread,fanout")
+    ap.add_argument("--servers", default="mx,postfix", help="mx, postfix or both")
     ap.add_argument("--sink", default="raw", help="raw, aiosmtpd or both: raw,aiosmtpd")
     ap.add_argument("--messages", type=int, default=None,
                     help="per scenario (default: spread 5000, fanout 1000)")
@@ -405,20 +543,30 @@ def main():
     a = ap.parse_args()
     scenarios = [s for s in a.scenario.split(",") if s]
     sinks = [s for s in a.sink.split(",") if s]
-    if set(scenarios) - {"spread", "fanout"} or set(sinks) - {"raw", "aiosmtpd"} or not scenarios:
+    if (set(scenarios) - {"spread", "fanout"} or set(sinks) - {"raw", "aiosmtpd"} or not scenarios
+            or set(a.servers.split(",")) - {"mx", "postfix"}):
         ap.error("--scenario takes spread,fanout; --sink takes raw,aiosmtpd")
     default = {"spread": 500 if a.quick else 5000, "fanout": 100 if a.quick else 1000}
     deadline = time.monotonic() + a.timeout
     results = []
-    for scenario in scenarios:
-        for sink in sinks:
-            if time.monotonic() >= deadline:
-                results.append({"scenario": scenario, "sink": sink, "ok": False,
-                                "messages": a.messages or default[scenario],
-                                "errors": ["skipped: --timeout budget used up"]})
-            else:
-                results.append(run_one(scenario, sink, a.messages or default[scenario], deadline))
-            print(describe(results[-1]), file=sys.stderr, flush=True)
+    servers = [s for s in a.servers.split(",") if s]
+    if "postfix" in servers:
+        why = postfix_peer.install()
+        if why:
+            print("postfix unavailable: %s" % why, file=sys.stderr)
+            servers.remove("postfix")
+    runs = [(srv, scenario, sink) for scenario in scenarios for sink in sinks for srv in servers
+            if srv == "mx" or sink == "raw"]  # Postfix only against the reference sink
+    for srv, scenario, sink in runs:
+        n = a.messages or default[scenario]
+        if time.monotonic() >= deadline:
+            results.append({"server": srv, "scenario": scenario, "sink": sink, "ok": False,
+                            "messages": n, "errors": ["skipped: --timeout budget used up"]})
+        elif srv == "postfix":
+            results.append(run_postfix(scenario, n, deadline))
+        else:
+            results.append(run_one(scenario, sink, n, deadline))
+        print(describe(results[-1]), file=sys.stderr, flush=True)
     print()
     print("relay drain, 4 KiB messages, %d recipients at remote.test, %s"
           % (NRCPT, time.strftime("%Y-%m-%d %H:%M")))
