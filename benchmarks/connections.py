@@ -8,7 +8,9 @@ process-per-connection `imap` service, limits raised so it admits them all):
 
   1. seed:    20 messages for bench@example.test (mx: delivered over SMTP; Dovecot: written
               into its Maildir).
-  2. probes:  --probes rounds, one new client after the other, each a fresh connection:
+  2. probes:  --probes rounds, one new client after the other, each a fresh connection
+              (mx: after each round an untimed session expunges the round's message, so
+              every round reads the same folder):
               deliver = smtplib: connect, EHLO, MAIL, RCPT, DATA (1 KiB), QUIT (mx only);
               read    = imaplib: connect, LOGIN, SELECT INBOX, FETCH * BODY.PEEK[], LOGOUT
               (mx: the FETCH must return the message the same round delivered).
@@ -312,7 +314,29 @@ def probes(server, rounds, label, timeout, deadline):
         t0 = time.perf_counter()
         read(server.imap_port, tag, timeout)
         out["read"].append(time.perf_counter() - t0)
+        if tag is not None:
+            expunge_newest(server.imap_port, timeout)  # untimed: every round sees the same folder
     return out
+
+
+def expunge_newest(port, timeout):
+    """Remove the message the round delivered, so the folder holds the seed in every round
+    (else each round's SELECT would read a longer folder than the one before, and the probes
+    under load would be slower for that reason alone)."""
+    c = imaplib.IMAP4("127.0.0.1", port, timeout=timeout)
+    try:
+        c.login(USER, PASSWORD)
+        typ, data = c.select("INBOX")
+        if typ != "OK" or int(data[0]) <= SEED:
+            raise Check("SELECT INBOX for the clean-up: %s %s" % (typ, data))
+        c.store("%d:*" % (SEED + 1), "+FLAGS.SILENT", "(\\Deleted)")
+        c.expunge()
+        c.logout()
+    finally:
+        try:
+            c.shutdown()
+        except OSError:
+            pass
 
 
 # --- the idle crowd (asyncio, no library: a few bytes each way) --------------------------------

@@ -401,7 +401,6 @@ class Session:
         self.folder, self.view, self.folder_name, self.state = folder, view, name, State.SELECTED
         mail_root = self.config.data_dir / "mail"
         self.cache = StructureCache(cache_file(self.config.data_dir, mail_root, folder.path), folder.uidvalidity)
-        self._watch = self.link.watch(folder.path, self._folder_changed)
         return tagged(cmd.tag, "OK", f"{'EXAMINE' if read_only else 'SELECT'} completed",
                       "READ-ONLY" if read_only else "READ-WRITE")
 
@@ -589,10 +588,18 @@ class Session:
         self._keepalive = self.clock.callLater(IDLE_KEEPALIVE, self._still_here)
         try:
             if self.state is State.SELECTED:
+                # Only an idling session hears of changes (the others see them at their next
+                # command's sync): a delivery to an INBOX 10,000 sessions hold selected
+                # then calls the few that idle, not all of them.
+                assert self.folder is not None
+                self._watch = self.link.watch(self.folder.path, self._folder_changed)
                 self._folder_changed()  # anything between the sync above and now
             line = await self.link.read_raw_line()
         finally:
             self._idling = False
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
             if self._keepalive is not None and self._keepalive.active():
                 self._keepalive.cancel()
             self._keepalive = None
