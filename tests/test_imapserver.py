@@ -535,6 +535,52 @@ class MoreCommandsTests(IMAPCase):
         await self.thread(run)
 
 
+class BatchedFetchTests(IMAPCase):
+    """A FETCH spans several read-pool trips, the next one read while the last is sent."""
+
+    async def test_every_message_once_in_order_across_batches(self) -> None:
+        from mx.imap import session
+
+        self.patch(session, "FETCH_BATCH", 2)
+        await self.start()
+        await self.deliver(*(message(f"batch {i}", body=f"body {i}\r\n") for i in range(7)))
+
+        def run() -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
+            c = self.imap()
+            ok(c.select("INBOX"))
+            peeked = ok(c.fetch("1:*", "(UID BODY.PEEK[TEXT])"))
+            unseen = ok(c.search(None, "UNSEEN"))
+            read = ok(c.fetch("2:6", "(BODY[TEXT])"))
+            after = ok(c.search(None, "SEEN"))
+            c.logout()
+            return peeked, unseen, read, after
+
+        peeked, unseen, read, after = await self.thread(run)
+        bodies = [part[1] for part in peeked if isinstance(part, tuple)]
+        self.assertEqual(bodies, [f"body {i}\r\n".encode() for i in range(7)])
+        self.assertEqual(unseen, [b"1 2 3 4 5 6 7"])
+        self.assertEqual([part[1] for part in read if isinstance(part, tuple)],
+                         [f"body {i}\r\n".encode() for i in range(1, 6)])
+        self.assertTrue(all(b"\\Seen" in part[0] for part in read if isinstance(part, tuple)))
+        self.assertEqual(after, [b"2 3 4 5 6"])
+
+    async def test_search_by_date_and_by_text(self) -> None:
+        await self.start()
+        await self.deliver(message("dated", body="quixotry\r\n"), message("other"))
+
+        def run() -> tuple[list[bytes], list[bytes], list[bytes]]:
+            c = self.imap()
+            ok(c.select("INBOX"))
+            text = ok(c.search(None, "TEXT", "quixotry"))
+            since = ok(c.search(None, "SINCE", "1-Jan-2000", "TEXT", "quixotry"))
+            before = ok(c.search(None, "BEFORE", "1-Jan-2000"))
+            c.logout()
+            return text, since, before
+
+        text, since, before = await self.thread(run)
+        self.assertEqual((text, since, before), ([b"1"], [b"1"], [b""]))
+
+
 class IdleTests(IMAPCase):
     async def test_idle_sees_delivery_and_other_sessions_store_and_expunge(self) -> None:
         await self.start()

@@ -264,7 +264,7 @@ def run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[in
     hits: list[tuple[int, int]] = []
     max_seq = len(view.uids)
     max_uid = view.uids[-1] if view.uids else 0
-    dates = folder.internaldates(list(view.uids)) if need >= search.Need.DATE else {}
+    dates = folder.internaldates(list(view.uids)) if query.dated else {}
     names = _FlagNames(view)
     info_of, recent = view.info, view.recent
     test = query.test
