@@ -24,7 +24,6 @@ import re
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Sequence
 
@@ -307,7 +306,7 @@ def cmd_queue_flush(config: Config, args: argparse.Namespace) -> None:
         return
     spool = _spool(config)
     for entry in _entries(config):
-        spool.save(entry.with_recipients(replace(r, next_attempt=0.0) for r in entry.recipients))
+        spool.save(entry.with_recipients(r._replace(next_attempt=0.0) for r in entry.recipients))
     print("no server is running: every queued message will be tried as soon as it starts")
 
 

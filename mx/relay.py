@@ -319,7 +319,7 @@ class Relay(service.Service):
             if entry_id in self._busy:
                 continue
             updated = entry.with_recipients(
-                replace(r, next_attempt=now) if r.status == PENDING else r for r in entry.recipients
+                r._replace(next_attempt=now) if r.status == PENDING else r for r in entry.recipients
             )
             self.entries[entry_id] = updated
             self._push(updated)
@@ -391,8 +391,8 @@ class Relay(service.Service):
         # Intent first: every due recipient gets its next try recorded before we connect.
         now = self.now()
         addresses = frozenset(a for group in by_domain.values() for a in group)
-        self._update(entry.id, lambda r: replace(
-            r, attempts=r.attempts + 1, next_attempt=now + self._interval(r.attempts + 1)
+        self._update(entry.id, lambda r: r._replace(
+            attempts=r.attempts + 1, next_attempt=now + self._interval(r.attempts + 1)
         ) if r.address in addresses else r)
         self._attempts[entry.id] = _Attempt(len(by_domain), addresses)
         d = self._save(entry.id)
@@ -648,16 +648,18 @@ class Relay(service.Service):
             o = outcomes.get(r.address)
             if o is None or r.status != PENDING:
                 return r
-            r = replace(r, last_code=o.code, last_enhanced=o.enhanced, last_error=o.text, remote_mta=o.peer or None)
-            if o.code < 400:
-                r = replace(r, status=DELIVERED, last_error=None)
+            peer = o.peer or None
+            if o.code < 400:  # the common case: one _replace
                 delivered.append(r.address)
-            elif o.code >= 500:
-                r = replace(r, status=FAILED)
+                return r._replace(status=DELIVERED, last_code=o.code, last_enhanced=o.enhanced, last_error=None,
+                                  remote_mta=peer)
+            r = r._replace(last_code=o.code, last_enhanced=o.enhanced, last_error=o.text, remote_mta=peer)
+            if o.code >= 500:
+                r = r._replace(status=FAILED)
                 failed.append(r)
             elif expired:
                 text = f"gave up after {_days(self.config.relay.max_lifetime)}: {o.text}"
-                r = replace(r, status=FAILED, last_enhanced="5" + o.enhanced[1:], last_error=text)
+                r = r._replace(status=FAILED, last_enhanced="5" + o.enhanced[1:], last_error=text)
                 failed.append(r)
             else:
                 deferred.append(r)
@@ -708,7 +710,7 @@ class Relay(service.Service):
                 log.failure("could not store the bounce for {msgid}; will retry at restart", msgid=entry_id)
                 return
             done = {r.address for r in owed}
-            entry = self._update(entry_id, lambda r: replace(r, status=BOUNCED) if r.address in done else r)
+            entry = self._update(entry_id, lambda r: r._replace(status=BOUNCED) if r.address in done else r)
             if entry is None:
                 return  # deleted by the operator meanwhile
         if not entry.pending:
