@@ -2,8 +2,8 @@
 
 The server holds an exclusive flock on `<data_dir>/queue/.lock` while it runs; the command
 line uses it to tell whether a server is there. With a server, `mx queue flush|delete`
-drops a request file that the server picks up within a second and removes when done; with
-no server, the command acts on the queue files itself.
+drops a request file that the server picks up at once (inotify; else its once-a-second
+check) and removes when done; with no server, the command acts on the queue files itself.
 
 Pure file operations, no Twisted.
 

@@ -202,3 +202,27 @@ class QueueCommandTests(TestCase):
         self.assertEqual([r["id"] for r in rows], [other])
         self.assertFails(await self.mx("queue", "delete", queue_id), "no such queued message")
         self.assertFails(await self.mx("queue", "show", queue_id), "no such queued message")
+
+
+class ControlWatchTests(TestCase):
+    """In-process: a request is picked up at once (inotify), not at the next poll."""
+
+    timeout = 30
+
+    async def test_request_handled_without_waiting_for_the_poll(self) -> None:
+        from mx import tap
+        from mx.control import control_dir, write_request
+        from tests.support import make_config, start_mail_service
+
+        self.patch(tap, "POLL_INTERVAL", 3600.0)  # the poll would come in an hour
+        config = make_config(self)
+        mail = await start_mail_service(self, config)
+        root = mail.spool.root
+        await deferLater(reactor, 0.1)  # the watch is set once the queue is loaded
+        started = time.monotonic()
+        paths = [write_request(root, "flush") for _ in range(3)]  # a burst: each is handled
+        while any(p.exists() for p in paths) and time.monotonic() - started < 5:
+            await deferLater(reactor, 0.02)
+        self.assertEqual([p for p in paths if p.exists()], [])
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual([n for n in control_dir(root).iterdir() if not n.name.startswith(".")], [])
