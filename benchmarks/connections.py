@@ -37,7 +37,7 @@ How to run:
 Exit status 1 if a connection could not be opened or was dropped, a probe failed, or the
 time budget (--timeout, 900 s) ran out.
 """
-import argparse, asyncio, imaplib, json, os, resource, shutil, signal, smtplib, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, contextlib, imaplib, json, os, resource, shutil, signal, smtplib, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,12 +278,25 @@ def deliver(port, tag, timeout):
         s.sendmail(SENDER, [USER], message(tag))
 
 
-def read(port, tag, timeout):
-    """LOGIN, SELECT, FETCH the newest message; with `tag`, it must be the probe's message
-    (a delivery is visible as soon as its 250 came: mx delivers before it answers)."""
+@contextlib.contextmanager
+def imap_session(port, timeout):
+    """A logged-in imaplib client, logged out and its socket shut whatever happens."""
     c = imaplib.IMAP4("127.0.0.1", port, timeout=timeout)
     try:
         c.login(USER, PASSWORD)
+        yield c
+        c.logout()
+    finally:
+        try:
+            c.shutdown()
+        except OSError:
+            pass
+
+
+def read(port, tag, timeout):
+    """LOGIN, SELECT, FETCH the newest message; with `tag`, it must be the probe's message
+    (a delivery is visible as soon as its 250 came: mx delivers before it answers)."""
+    with imap_session(port, timeout) as c:
         typ, data = c.select("INBOX", readonly=True)
         if typ != "OK":
             raise Check("SELECT INBOX: %s %s" % (typ, data))
@@ -292,12 +305,6 @@ def read(port, tag, timeout):
             raise Check("FETCH * BODY.PEEK[]: %s %r" % (typ, data[:1]))
         if tag is not None and ("X-Probe: %s\r\n" % tag).encode() not in data[0][1]:
             raise Check("FETCH *: not the message just delivered (%s)" % tag)
-        c.logout()
-    finally:
-        try:
-            c.shutdown()
-        except OSError:
-            pass
 
 
 def probes(server, rounds, label, timeout, deadline):
@@ -323,20 +330,12 @@ def expunge_newest(port, timeout):
     """Remove the message the round delivered, so the folder holds the seed in every round
     (else each round's SELECT would read a longer folder than the one before, and the probes
     under load would be slower for that reason alone)."""
-    c = imaplib.IMAP4("127.0.0.1", port, timeout=timeout)
-    try:
-        c.login(USER, PASSWORD)
+    with imap_session(port, timeout) as c:
         typ, data = c.select("INBOX")
         if typ != "OK" or int(data[0]) <= SEED:
             raise Check("SELECT INBOX for the clean-up: %s %s" % (typ, data))
         c.store("%d:*" % (SEED + 1), "+FLAGS.SILENT", "(\\Deleted)")
         c.expunge()
-        c.logout()
-    finally:
-        try:
-            c.shutdown()
-        except OSError:
-            pass
 
 
 # --- the idle crowd (asyncio, no library: a few bytes each way) --------------------------------
