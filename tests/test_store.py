@@ -327,6 +327,177 @@ class FolderTests(SynchronousTestCase):
         self.assertEqual(self.open().uidl(300), "0000012c0012d687", "unchanged by flags")
 
 
+class IncrementalRefreshTests(SynchronousTestCase):
+    """A refresh after renames re-reads only the names that changed (`Folder._patch`,
+    `Folder._names_by_base`); whatever happened, the table must equal a fresh open's."""
+
+    def setUp(self) -> None:
+        self.md = Path(self.mktemp())
+        (self.md / "new").mkdir(parents=True)
+        self.names = [deliver(self.md, name=f"{1000 + i}.M{i}P1Q{i}.host,S=22") for i in range(40)]
+        Folder.open(self.md, take_new=True)  # everything in cur/, UIDs 1..40
+        self.f = Folder.open(self.md)
+        self.f.refresh()
+
+    def assert_same_as_fresh(self) -> None:
+        self.assertEqual(self.f.table(), Folder.open(self.md).table())
+
+    def cur_name(self, uid: int) -> str:
+        base = self.f.get(uid).base
+        (name,) = [n for n in os.listdir(self.md / "cur") if n.split(":")[0] == base]
+        return name
+
+    def test_own_foreign_renames_and_removals(self) -> None:
+        f = self.f
+        mine = f.set_flags_many([(uid, frozenset("S")) for uid in range(1, 11)])
+        self.assertEqual([i.uid for i in mine], list(range(1, 11)))
+        other = Folder.open(self.md)
+        for uid in (12, 13, 14):
+            other.set_flags(uid, frozenset("FT"))
+        for uid in (20, 21):
+            os.unlink(self.md / "cur" / self.cur_name(uid))
+        full = Folder._rebuild
+        self.patch(Folder, "_rebuild", lambda *a: self.fail("renames and removals only: no full rebuild"))
+        ch = f.refresh()
+        self.patch(Folder, "_rebuild", full)
+        self.assertEqual(ch.new, ())
+        self.assertEqual(ch.vanished, (20, 21))
+        self.assertEqual([(i.uid, i.flags) for i in ch.flags], [(u, frozenset("FT")) for u in (12, 13, 14)])
+        self.assert_same_as_fresh()
+        self.assertFalse(f.refresh())
+
+    def test_a_delivery_and_a_new_uid_take_the_full_path(self) -> None:
+        self.f.set_flags(1, frozenset("S"))
+        n = deliver(self.md)
+        ch = self.f.refresh()
+        self.assertEqual([(i.uid, i.base) for i in ch.new], [(41, n)])
+        self.assert_same_as_fresh()
+        self.assertEqual(list(self.f.table()), sorted(self.f.table()), "the table stays in UID order")
+
+    def test_a_file_renamed_back_by_someone_else(self) -> None:
+        f = self.f
+        before = self.cur_name(5)
+        f.set_flags(5, frozenset("S"))
+        os.rename(self.md / "cur" / self.cur_name(5), self.md / "cur" / before)  # undone elsewhere
+        ch = f.refresh()
+        self.assertEqual([(i.uid, i.name) for i in ch.flags], [(5, before)])
+        self.assert_same_as_fresh()
+
+    def test_two_names_with_one_base(self) -> None:
+        name = self.cur_name(3)
+        base = name.split(":")[0]
+        os.link(self.md / "cur" / name, self.md / "cur" / f"{base}:2,F")  # a stray second name
+        self.f.refresh()
+        self.assertIn(self.f.get(3).name, {name, f"{base}:2,F"})
+        os.unlink(self.md / "cur" / f"{base}:2,F")
+        self.f.refresh()
+        self.assertEqual(self.f.get(3).name, name)
+        self.assert_same_as_fresh()
+
+    def test_set_flags_many_follows_renames_and_skips_the_gone(self) -> None:
+        f = self.f
+        os.rename(self.md / "cur" / self.cur_name(7), self.md / "cur" / f"{f.get(7).base}:2,D")
+        os.unlink(self.md / "cur" / self.cur_name(8))
+        got = f.set_flags_many([(7, frozenset("S")), (8, frozenset("S")), (9, frozenset()), (99, frozenset("S"))])
+        self.assertEqual([(i.uid, i.flags) for i in got], [(7, frozenset("S"))])  # 9 had no flags already
+        self.assertEqual(f.get(7).name, f.get(7).base + ":2,S")
+        self.assertRaises(ValueError, f.set_flags_many, [(9, frozenset({"\\Seen"}))])
+        f.refresh()
+        self.assert_same_as_fresh()
+
+    def test_random_histories_match_a_fresh_open(self) -> None:
+        import random
+
+        rng = random.Random(20261203)
+        f = self.f
+        patched = []
+        real_patch = Folder._patch
+        self.patch(Folder, "_patch", lambda *a: patched.append(real_patch(*a)) or patched[-1])
+        for _round in range(60):
+            for _ in range(rng.randrange(1, 6)):
+                live = sorted(Folder.open(self.md).table())
+                if not live:
+                    break
+                uid = rng.choice(live)
+                kind = rng.randrange(5)
+                if kind == 0 and f.get(uid) is not None:
+                    try:
+                        f.set_flags_many([(uid, frozenset(rng.sample("DFRST", rng.randrange(3))))])
+                    except MessageGone:
+                        pass
+                elif kind == 1:
+                    Folder.open(self.md).set_flags(uid, frozenset(rng.sample("DFRST", rng.randrange(3))))
+                elif kind == 2 and len(live) > 5:
+                    os.unlink(self.md / "cur" / Folder.open(self.md).get(uid).name)
+                elif kind == 3:
+                    deliver(self.md)
+                else:
+                    Folder.open(self.md, take_new=True)
+            f.refresh()
+            self.assert_same_as_fresh()
+        self.assertGreater(sum(1 for p in patched if p is not None), 10, "the incremental path was taken")
+
+
+class OwnChangeTrustTests(SynchronousTestCase):
+    """After our own renames and removals in cur/ the next refreshes trust the stamp for two
+    seconds (Dovecot's dirty_cur_time) instead of listing 10,000 names per command."""
+
+    def setUp(self) -> None:
+        self.md = Path(self.mktemp())
+        (self.md / "new").mkdir(parents=True)
+        for _ in range(10):
+            deliver(self.md)
+        Folder.open(self.md, take_new=True)
+        age_dirs(self.md)
+        self.f = Folder.open(self.md)
+        self.listed: list[str] = []
+        real_listdir = os.listdir
+        self.patch(os, "listdir", lambda p: self.listed.append(str(p)) or real_listdir(p))
+
+    def later(self, seconds: float) -> None:
+        real = time.time_ns
+        self.patch(time, "time_ns", lambda: real() + int(seconds * 1e9))
+
+    def test_own_changes_do_not_re_list(self) -> None:
+        f = self.f
+        f.set_flags_many([(1, frozenset("S")), (2, frozenset("F"))])
+        f.set_flags(3, frozenset("R"))
+        f.expunge([4])
+        for _ in range(3):
+            self.assertFalse(f.refresh())
+        self.assertEqual(self.listed, [])
+        self.later(3)
+        self.assertFalse(f.refresh())  # the window is over: one listing, nothing new
+        self.assertTrue(self.listed)
+        self.assertEqual(f.table(), Folder.open(self.md).table())
+
+    def test_a_foreign_change_in_the_window_shows_within_two_seconds(self) -> None:
+        f = self.f
+        f.set_flags(1, frozenset("S"))
+        self.assertFalse(f.refresh())
+        Folder.open(self.md).set_flags(2, frozenset("F"))  # maybe in the same mtime tick
+        first = f.refresh()
+        self.later(3)
+        later = f.refresh()
+        self.assertEqual([(i.uid, i.flags) for i in (*first.flags, *later.flags)], [(2, frozenset("F"))])
+
+    def test_a_delivery_in_the_window_shows_at_once(self) -> None:
+        f = self.f
+        f.set_flags(1, frozenset("S"))
+        self.assertFalse(f.refresh())
+        n = deliver(self.md)
+        self.assertEqual([i.base for i in f.refresh().new], [n])
+
+    def test_an_untrusted_table_still_re_lists(self) -> None:
+        f = Folder.open(self.md)
+        Folder.open(self.md).set_flags(5, frozenset("F"))  # cur/ is now fresh: not calm
+        f.refresh()  # lists; the mtime is too young to trust
+        self.listed.clear()
+        f.set_flags(1, frozenset("S"))
+        f.refresh()
+        self.assertTrue(self.listed, "a table not trusted before our change is listed again")
+
+
 class ScaleTests(SynchronousTestCase):
     def test_20000_messages_open_without_reading_bodies(self) -> None:
         md = Path(self.mktemp())

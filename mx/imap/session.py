@@ -46,7 +46,7 @@ from mx.imap.selected import View
 from mx.imap.tasks import Failed, bad, no
 from mx.maildir import MaildirError, mailbox_path
 from mx.store import Folder, Mailbox, StoreError
-from mx.store.cache import StructureCache, cache_file
+from mx.store.cache import StructureCache
 from mx.store.mailbox import SPECIAL_USE, folder_dir_name
 
 __all__ = ["State", "Session", "Link", "ALLOWED", "capabilities"]
@@ -169,12 +169,30 @@ class Session:
         self._idle_dirty = False
         self._idle_busy = False
         self._keepalive: Any = None
+        # A refresh made in the same pool trip as the command's last store call (its folder
+        # and result; None: the command itself just listed the folder). `_sync` takes it
+        # instead of a trip of its own: one thread hop per command, not two.
+        self._synced: tuple[Folder, Any] | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
     def store(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run `f` in the read pool after this session's previous store call finished."""
         return self._lock.run(self.link.in_pool, f, *args)
+
+    async def store_then_sync(self, f: Callable[..., Any], *args: Any) -> Any:
+        """`store(f, *args)` followed, in the same trip, by the refresh `_sync` would make
+        after the command: for a command's last store call."""
+        folder = self.folder
+
+        def both() -> tuple[Any, Any]:
+            result = f(*args)
+            return result, tasks.refresh(folder) if folder is not None else None
+
+        result, synced = await self.store(both)
+        if folder is not None:
+            self._synced = (folder, synced)
+        return result
 
     @property
     def plaintext_ok(self) -> bool:
@@ -187,6 +205,7 @@ class Session:
 
     async def execute(self, cmd: Command) -> bytes:
         self.commands += 1
+        self._synced = None
         if cmd.name not in ALLOWED[self.state]:
             known = any(cmd.name in verbs for verbs in ALLOWED.values())
             return tagged(cmd.tag, "BAD", f"{cmd.name} not allowed now" if known else "Unknown command")
@@ -212,7 +231,13 @@ class Session:
         folder, view = self.folder, self.view
         if folder is None or view is None:
             return b""
-        changes, recent, keywords = await self.store(tasks.refresh, folder)
+        synced, self._synced = self._synced, None
+        if synced is not None and synced[0] is folder:
+            if synced[1] is None:
+                return b""
+            changes, recent, keywords = synced[1]
+        else:
+            changes, recent, keywords = await self.store(tasks.refresh, folder)
         if self.view is not view:
             return b""
         if not changes:
@@ -387,9 +412,9 @@ class Session:
         name = self._name(cmd.args[0])
         self._deselect()
         assert self.mailbox is not None
-        if not await self.store(self.mailbox.exists, name):
-            raise no("Mailbox does not exist", "NONEXISTENT")
-        folder, recent, keywords = await self.store(tasks.open_folder, self.mailbox, name, read_only)
+        mail_root = self.config.data_dir / "mail"
+        folder, recent, keywords, cache_path = await self.store(tasks.select_folder, self.mailbox, name, read_only,
+                                                                self.config.data_dir, mail_root)
         view = View.open(folder.table(), recent, keywords, folder.uidvalidity, folder.next_uid, read_only)
         out = [view.flags_response(), untagged(len(view), "EXISTS"), untagged(len(view.recent), "RECENT")]
         unseen = view.first_unseen()
@@ -399,8 +424,8 @@ class Session:
         out.append(untagged_status("OK", "Predicted next UID", ["UIDNEXT", view.next_uid]))
         self.link.write(b"".join(out))
         self.folder, self.view, self.folder_name, self.state = folder, view, name, State.SELECTED
-        mail_root = self.config.data_dir / "mail"
-        self.cache = StructureCache(cache_file(self.config.data_dir, mail_root, folder.path), folder.uidvalidity)
+        self.cache = StructureCache(cache_path, folder.uidvalidity)
+        self._synced = (folder, None)  # just listed: nothing to report after SELECT
         return tagged(cmd.tag, "OK", f"{'EXAMINE' if read_only else 'SELECT'} completed",
                       "READ-ONLY" if read_only else "READ-WRITE")
 
@@ -694,7 +719,9 @@ class Session:
         gone = False
         for i in range(0, len(pairs), batch):
             chunk = pairs[i : i + batch]
-            data, updated, missing = await self.store(tasks.fetch_batch, self.folder, view, chunk, plan, seen, self.cache)
+            last = i + batch >= len(pairs)
+            data, updated, missing = await (self.store_then_sync if last else self.store)(
+                tasks.fetch_batch, self.folder, view, chunk, plan, seen, self.cache)
             for info in updated:
                 view.update_info(info)
             gone = gone or missing
@@ -724,7 +751,8 @@ class Session:
             raise bad("Invalid flag")
         pairs = self._select(cmd.args[0], by_uid)
         try:
-            updated, keywords = await self.store(tasks.store_flags, self.folder, [u for _s, u in pairs], op, names)
+            updated, keywords = await self.store_then_sync(tasks.store_flags, self.folder, [u for _s, u in pairs],
+                                                           op, names)
         except ValueError as e:
             raise bad(str(e)) from None
         if keywords != view.keywords:
@@ -781,7 +809,7 @@ class Session:
             raise no("Unsupported charset", ["BADCHARSET", ["UTF-8", "US-ASCII"]]) from None
         except search.SearchError as e:
             raise bad(str(e)) from None
-        hits = await self.store(tasks.run_search, self.folder, view, query)
+        hits = await self.store_then_sync(tasks.run_search, self.folder, view, query)
         numbers = [u if by_uid else s for s, u in hits]
         self.link.write(b"* SEARCH" + "".join(map(" %d".__mod__, numbers)).encode() + b"\r\n")
         return tagged(cmd.tag, "OK", f"{cmd.name} completed")

@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import compress
+from pathlib import Path
 from typing import Any
 
 from mx import mime
 from mx.imap import fetch, search
 from mx.imap.selected import View, imap_flags, letters_for
 from mx.store import Folder, Mailbox, MessageGone
-from mx.store.cache import StructureCache
+from mx.store.flags import check_flags
+from mx.store.cache import StructureCache, cache_file
 
 __all__ = ["Failed", "bad", "no"]
 
@@ -74,6 +76,15 @@ def open_folder(mailbox: Mailbox, name: str, read_only: bool) -> tuple[Folder, s
     else:
         recent = folder.take_recent()
     return folder, recent, folder.keywords.mapping()
+
+
+def select_folder(mailbox: Mailbox, name: str, read_only: bool, data_dir: Path,
+                  mail_root: Path) -> tuple[Folder, set[int], dict[str, str], Path]:
+    """SELECT / EXAMINE in one trip: `open_folder`, and where its structure cache lives."""
+    if not mailbox.exists(name):
+        raise no("Mailbox does not exist", "NONEXISTENT")
+    folder, recent, keywords = open_folder(mailbox, name, read_only)
+    return folder, recent, keywords, cache_file(data_dir, mail_root, folder.path)
 
 
 def refresh(folder: Folder) -> tuple[Any, set[int], dict[str, str]]:
@@ -218,24 +229,26 @@ def store_flags(folder: Folder, uids: list[int], op: str, names: list[str]) -> t
     kw = folder.keywords
     letters = letters_for(names, lambda k: kw.letter(k, create=True) or "")
     known = set("DFRST") | set(kw.mapping())
-    updated = []
+    # The new set per distinct old set (a folder has a handful; letter sets are interned).
+    new_of: dict[frozenset[str], frozenset[str] | None] = {}
+    wanted = []
     for uid in uids:
         info = folder.get(uid)
         if info is None:
             continue
-        if op == "FLAGS":
-            new = letters | {c for c in info.flags if c not in known}  # "P" and unnamed letters stay
-        elif op == "+FLAGS":
-            new = set(info.flags) | letters
-        else:
-            new = set(info.flags) - letters
-        if new == set(info.flags):
-            continue
-        try:
-            updated.append(folder.set_flags(uid, new))
-        except MessageGone:
-            continue
-    return updated, kw.mapping()
+        old = info.flags
+        if old not in new_of:
+            if op == "FLAGS":
+                new = letters | {c for c in old if c not in known}  # "P" and unnamed letters stay
+            elif op == "+FLAGS":
+                new = old | letters
+            else:
+                new = old - letters
+            new_of[old] = None if new == old else check_flags(new)
+        new_flags = new_of[old]
+        if new_flags is not None:
+            wanted.append((uid, new_flags))
+    return folder.set_flags_many(wanted), kw.mapping()
 
 
 def copy_messages(mailbox: Mailbox, folder: Folder, uids: list[int], name: str,

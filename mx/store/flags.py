@@ -67,12 +67,13 @@ def split_name(name: str) -> tuple[str, frozenset[str]]:
 
 
 def check_flags(flags: Iterable[str]) -> frozenset[str]:
-    """The flags as a set of single ASCII letters; `ValueError` for anything else."""
+    """The flags as a set of single ASCII letters (the shared instance of that set, as names
+    are parsed into); `ValueError` for anything else."""
     fs = frozenset(flags)
     bad = [f for f in fs if f not in _LETTERS]
     if bad:
         raise ValueError(f"flags must be single ASCII letters, not {sorted(bad)!r}")
-    return fs
+    return _flagset("".join(sorted(fs)))
 
 
 def info_name(base: str, flags: frozenset[str]) -> str:

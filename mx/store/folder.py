@@ -22,6 +22,12 @@ Invariants:
 - `refresh()` costs three `stat` calls when new/, cur/ and the uidlist are unchanged and were
   not modified within the last two seconds of the previous listing (coarse or cached mtimes
   then cannot hide a change); otherwise it re-lists.
+- This object's own renames and removals in cur/ (`set_flags`, `set_flags_many`, `expunge`)
+  do not make the next refreshes re-list (Dovecot's `dirty_cur_time`): the stamp after them is
+  trusted for two seconds if the table was trusted before them, and new/ or the uidlist
+  changing still re-lists at once. Another program's change to cur/ inside that window
+  shows up at the first refresh after it, two seconds at most later; a message it removed
+  meanwhile is `MessageGone` (and a re-listing) as ever.
 - A file that vanished is `MessageGone` (after one re-listing finds no other name with its
   base); it is never an `OSError` escaping to the protocol.
 - The table (`messages()`, `get()`) changes only in `open`/`refresh()` and by this object's own
@@ -58,6 +64,7 @@ __all__ = ["MessageInfo", "Changes", "Folder", "clean_tmp", "arrival_key"]
 
 Log = Callable[[str], None]
 _QUIET_SECONDS = 2.0  # mtimes younger than this may hide a later change in the same tick
+_QUIET_NS = int(_QUIET_SECONDS * 1e9)
 _CUR, _NEW = "cur", "new"
 
 
@@ -133,8 +140,19 @@ class Folder:
         self._by_uid: dict[int, MessageInfo] = {}
         self._fields: dict[int, str] = {}
         self._snapshot: tuple[int, int, tuple[int, int, int] | None] | None = None
+        # Until when (time_ns) `_snapshot` holds if the stamp is unchanged; None: for good
+        # (a calm listing). Set after our own changes (see `_own_change`).
+        self._trust_until: int | None = None
+        self._own_pending = False  # our own change since the stamp: take the next one as ours
         self._keywords: Keywords | None = None
         self._parsed: tuple[tuple[int, int, int], uidlist.UidList] | None = None  # see _read_list
+        # Where each message of the table is (base -> (subdir, name)) and the parsed list the
+        # table was built from: a re-listing after renames (ours or anyone's) is compared
+        # with this in C, and only the names that differ are parsed again (see _rebuild).
+        self._placed: dict[str, tuple[str, str]] | None = None
+        self._placed_from: uidlist.UidList | None = None
+        # The last listing of each subdir: (its names, base -> (subdir, name)); see _names_by_base.
+        self._listed: dict[str, tuple[set[str], dict[str, tuple[str, str]]]] = {}
         self._recent: set[int] = set()
         # The UIDVALIDITY under which the last append/copy_into (into this folder) gave its
         # UIDs: `uidvalidity` unless the list was rebuilt meanwhile (refresh() then says so).
@@ -177,6 +195,7 @@ class Folder:
             before = self._dir_mtimes()
             files: dict[str, tuple[str, str]] = {}
             in_new = 0
+            maps = []
             for sub in (_NEW, _CUR):
                 try:
                     names = os.listdir(self.path / sub)
@@ -186,17 +205,64 @@ class Folder:
                     raise StoreError(f"{self.path / sub}: {e.strerror}") from None
                 if sub == _NEW:
                     in_new = len(names)
-                for name in names:
-                    if name[0] == ".":  # Maildir: dot files are not messages
-                        continue
-                    i = name.find(":")
-                    files[name if i < 0 else name[:i]] = (sub, name)
+                found = self._names_by_base(sub, names)
+                if found:
+                    maps.append(found)
+            if len(maps) == 1:
+                files = maps[0]  # shared, read-only (see _names_by_base): no copy
+            else:
+                for found in maps:  # new/ first: cur/ wins for a message moving meanwhile
+                    files.update(found)
             after = self._dir_mtimes()
             if after == before:
                 break
         now_ns = time.time_ns()
         calm = after == before and all(now_ns - m > _QUIET_SECONDS * 1e9 for m in after)
         return _Listing(files, calm, after, in_new)
+
+    def _names_by_base(self, sub: str, names: list[str]) -> dict[str, tuple[str, str]]:
+        """base -> (sub, name) of one listing of `sub`; dot files are not messages (Maildir).
+
+        Worked out from the previous listing of `sub` when few names differ (set operations
+        in C, then a Python step per changed name only): after a STORE of 1,000 flags in a
+        folder of 10,000, parsing every name again was most of the refresh. The result is
+        shared with later listings: callers never change it."""
+        now = set(names)
+        prev = self._listed.get(sub)
+        if prev is not None:
+            before, mapping = prev
+            if now == before:
+                return mapping
+            gone, added = before - now, now - before
+            if len(gone) + len(added) <= len(now) // 4:
+                patched = self._patch_names(sub, mapping, gone, added)
+                if patched is not None:
+                    self._listed[sub] = (now, patched)
+                    return patched
+        mapping = {n.partition(":")[0]: (sub, n) for n in names if n[0] != "."}
+        # Two names with one base (a rename seen half-way, or a stray copy): the mapping
+        # kept one of them; the next listing is made in full again.
+        if len(mapping) == len(names) - sum(1 for n in now if n[0] == "."):
+            self._listed[sub] = (now, mapping)
+        else:
+            self._listed.pop(sub, None)
+        return mapping
+
+    @staticmethod
+    def _patch_names(sub: str, mapping: dict[str, tuple[str, str]], gone: set[str],
+                     added: set[str]) -> dict[str, tuple[str, str]] | None:
+        out = dict(mapping)
+        for n in gone:
+            if n[0] != ".":
+                del out[n.partition(":")[0]]  # one name per base in `mapping` (checked)
+        for n in added:
+            if n[0] == ".":
+                continue
+            base = n.partition(":")[0]
+            if base in out:
+                return None  # two names with one base: list in full
+            out[base] = (sub, n)
+        return out
 
     def _read_list(self, fresh: bool = False) -> tuple[uidlist.UidList | None, tuple[int, int, int] | None, str]:
         """(list, stamp, why unusable) — list None when missing or corrupt.
@@ -237,12 +303,19 @@ class Folder:
                 return reused
         listing = self._list()
         ul, ul_stamp, why = self._read_list()
-        if ul is None or ul.dirty or not ul.uids.keys() >= listing.files.keys():
-            ul, ul_stamp, listing = self._assign_locked()
-        changes = self._rebuild(ul, listing)
+        changes = None
+        if ul is not None and ul is self._placed_from and self._placed is not None and not ul.dirty:
+            # The table's own list: only renamed or removed names to look at (a new name
+            # makes _patch give up, and the list may need new UIDs).
+            changes = self._patch(ul, listing.files, self._placed)
+        if changes is None:
+            if ul is None or ul.dirty or not ul.uids.keys() >= listing.files.keys():
+                ul, ul_stamp, listing = self._assign_locked()
+            changes = self._rebuild(ul, listing)
         moved = self._take_new() if self.take_new and listing.in_new else 0
-        self._snapshot = (*listing.stamp, ul_stamp) if listing.calm and not moved else None
-        if self._snapshot is not None:
+        self._distrust()
+        if listing.calm and not moved:
+            self._snapshot = (*listing.stamp, ul_stamp)
             _shared.publish(self.path, self._snapshot, self, listing.in_new)
         return changes
 
@@ -255,9 +328,11 @@ class Folder:
             return None
         table, fields, self.uidvalidity, self.next_uid, self.guid, in_new = found
         self._by_uid, self._fields = dict(table), dict(fields)
+        self._placed = None  # the first re-listing rebuilds in full
+        self._distrust()
         self._snapshot = stamp
         if self.take_new and in_new and self._take_new():
-            self._snapshot = None
+            self._distrust()
         return Changes(tuple(table.values()), (), ())
 
     def _assign_locked(
@@ -321,6 +396,7 @@ class Folder:
         files = listing.files
         table: dict[int, MessageInfo] = {}
         fields: dict[int, str] = {}
+        placed: dict[str, tuple[str, str]] = {}
         new: list[MessageInfo] = []
         reflagged: list[MessageInfo] = []
         make_info = self._make_info
@@ -341,12 +417,55 @@ class Folder:
                 elif prev.flags != info.flags:
                     reflagged.append(info)
             table[uid] = info  # type: ignore[assignment]
+            placed[base] = found
             f = ul.fields.get(base)
             if f:
                 fields[uid] = f
         vanished = tuple(uid for uid in self._by_uid if uid not in table or validity_changed)
         self._by_uid, self._fields = table, fields
+        self._placed, self._placed_from = placed, ul
         return Changes(tuple(new), vanished, tuple(reflagged), validity_changed)
+
+    def _patch(self, ul: uidlist.UidList, files: dict[str, tuple[str, str]],
+               placed: dict[str, tuple[str, str]]) -> Changes | None:
+        """`_rebuild` when the list is the one the table came from: the listing is compared
+        with where the table has each message (dict and set operations in C), and only the
+        renamed or removed names are looked at. After a STORE of 1,000 flags in a folder of
+        10,000 this is ~3x quicker than parsing every name again. None: a name the table
+        does not have (a new file), so it needs the full rebuild, which keeps UID order."""
+        if files == placed:
+            return _NO_CHANGES
+        moved = files.items() - placed.items()
+        if any(base not in placed for base, _where in moved):
+            return None
+        table, uids = self._by_uid, ul.uids
+        reflagged: list[MessageInfo] = []
+        vanished: list[int] = []
+        for base, (sub, name) in moved:
+            prev = table[uids[base]]
+            info = self._info_from(prev, sub, name)  # the same base: the same sizes
+            self._place(info)
+            if prev.flags != info.flags:
+                reflagged.append(info)
+        for base in placed.keys() - files.keys():
+            uid = uids[base]
+            vanished.append(uid)
+            self._forget(table[uid])
+        reflagged.sort()
+        vanished.sort()
+        return Changes((), tuple(vanished), tuple(reflagged))
+
+    def _place(self, info: MessageInfo) -> None:
+        """Put a message's current info in the table (and where it is in `_placed`)."""
+        self._by_uid[info.uid] = info
+        if self._placed is not None:
+            self._placed[info.base] = (info.subdir, info.name)
+
+    def _forget(self, info: MessageInfo) -> None:
+        self._by_uid.pop(info.uid, None)
+        self._fields.pop(info.uid, None)
+        if self._placed is not None:
+            self._placed.pop(info.base, None)
 
     def _make_info(self, uid: int, sub: str, name: str) -> MessageInfo | None:
         # split_name and size_field inlined: this runs once per message on every open.
@@ -388,11 +507,11 @@ class Folder:
                     found = self._find(info.base)
                     if found is None:
                         continue  # expunged meanwhile; refresh() reports it
-                    self._by_uid[uid] = self._info_from(info, *found)
+                    self._place(self._info_from(info, *found))
                     continue
                 except OSError as e:
                     raise StoreError(f"cannot move {info.name} into cur/: {e.strerror}") from None
-                self._by_uid[uid] = self._info_from(info, _CUR, name)
+                self._place(self._info_from(info, _CUR, name))
                 self._recent.add(uid)
                 moved += 1
         return moved
@@ -441,9 +560,31 @@ class Folder:
 
     def refresh(self) -> Changes:
         """New, vanished and re-flagged messages since the last look; cheap if none."""
-        if self._snapshot is not None and self._stamp_now() == self._snapshot:
-            return _NO_CHANGES
+        snapshot = self._snapshot
+        if snapshot is not None:
+            stamp = self._stamp_now()
+            if self._own_pending:
+                self._own_pending = False
+                # cur/ moved by our own renames; new/ or the list moving is someone else.
+                if stamp[0] == snapshot[0] and stamp[2] == snapshot[2]:
+                    self._snapshot = stamp
+                    self._trust_until = time.time_ns() + _QUIET_NS
+                    return _NO_CHANGES
+            elif stamp == snapshot and (self._trust_until is None or time.time_ns() < self._trust_until):
+                return _NO_CHANGES
         return self._sync()
+
+    def _distrust(self) -> None:
+        """The next refresh re-lists."""
+        self._snapshot, self._trust_until, self._own_pending = None, None, False
+
+    def _own_change(self) -> None:
+        """After our own rename or removal in cur/: if the table was trusted up to it, the
+        next refresh trusts the stamp it finds for `_QUIET_SECONDS` (see the module notes)."""
+        if self._snapshot is not None and (self._trust_until is None or time.time_ns() < self._trust_until):
+            self._own_pending = True
+        else:
+            self._distrust()
 
     def uidl(self, uid: int) -> str:
         """Dovecot's POP3 UIDL: a "P" field in the uidlist wins (migrated mail; empty = the
@@ -476,11 +617,11 @@ class Folder:
     def _relocate(self, info: MessageInfo) -> MessageInfo:
         found = self._find(info.base)
         if found is None:
-            self._by_uid.pop(info.uid, None)
-            self._snapshot = None  # let refresh() report it as vanished
+            self._forget(info)
+            self._distrust()  # let refresh() report it as vanished
             raise MessageGone(f"{self.path}: message {info.uid} ({info.base}) is gone")
         moved = self._info_from(info, *found)
-        self._by_uid[info.uid] = moved
+        self._place(moved)
         return moved
 
     def open_message(self, uid: int) -> BinaryIO:
@@ -517,11 +658,50 @@ class Folder:
                 continue
             except OSError as e:
                 raise StoreError(f"cannot rename {info.name}: {e.strerror}") from None
-            self._snapshot = None
+            if info.subdir == _CUR:
+                self._own_change()
+            else:
+                self._distrust()  # new/ changed too: re-list
             updated = self._info_from(info, _CUR, name)
-            self._by_uid[uid] = updated
+            self._place(updated)
             return updated
         raise MessageGone(f"{self.path}: message {uid} keeps moving")
+
+    def set_flags_many(self, wanted: Iterable[tuple[int, frozenset[str]]]) -> list[MessageInfo]:
+        """`set_flags` for many messages (STORE 1:1000): the new name's flag part is made once
+        per distinct flag set, and only a rename that fails takes `set_flags`' careful path.
+        Returns the new info of each message renamed; unknown or vanished UIDs are skipped."""
+        updated: list[MessageInfo] = []
+        suffix: dict[frozenset[str], tuple[str, frozenset[str]]] = {}
+        table, where = self._by_uid, self._where
+        for uid, flags in wanted:
+            info = table.get(uid)
+            if info is None:
+                continue
+            made = suffix.get(flags)
+            if made is None:
+                checked = check_flags(flags)
+                made = suffix[flags] = (":2," + "".join(sorted(checked)), checked)
+            tail, flags = made
+            name = info.base + tail
+            if info.subdir == _CUR and info.name == name:
+                continue
+            try:
+                os.rename(f"{where}/{info.subdir}/{info.name}", f"{where}/{_CUR}/{name}")
+            except OSError:
+                try:  # moved by someone else, or an error to report: the one-message path
+                    updated.append(self.set_flags(uid, flags))
+                except MessageGone:
+                    pass
+                continue
+            if info.subdir == _CUR:
+                self._own_change()
+            else:
+                self._distrust()  # new/ changed too: re-list
+            new = MessageInfo(uid, info.base, name, _CUR, info.size, flags, info.vsize)
+            self._place(new)
+            updated.append(new)
+        return updated
 
     def expunge(self, uids: Iterable[int]) -> list[int]:
         """Unlink these messages; returns the UIDs this call removed (not already gone)."""
@@ -542,11 +722,12 @@ class Folder:
                 except OSError as e:
                     raise StoreError(f"cannot remove {info.name}: {e.strerror}") from None
                 removed.append(uid)
+                if info.subdir == _CUR:
+                    self._own_change()
+                else:
+                    self._distrust()  # new/ changed too: re-list
                 break
-            self._by_uid.pop(uid, None)
-            self._fields.pop(uid, None)
-        if removed:
-            self._snapshot = None
+            self._forget(info)
         return removed
 
     # -- IMAP: dates, \\Recent, APPEND and COPY -------------------------------------------
@@ -648,7 +829,7 @@ class Folder:
         except BaseException:
             write.forget(staged, cur)
             raise
-        self._snapshot = None
+        self._distrust()
         self.assigned_uidvalidity = ul.uidvalidity
         return ul.uids
 
