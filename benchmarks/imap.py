@@ -3,8 +3,8 @@
 
 The folder: INBOX with N messages of exactly 4,096 bytes (CRLF lines, varied From/To/Cc/Subject/
 Date/Message-ID/In-Reply-To headers), generated straight into `cur/` with mx's own file names
-(`<time>.M..P..Q..R...<host>,S=4096:2,<flags>`, as `mx.maildir.unique_name` makes them, no
-`,W=`): nine in ten are `\\Seen`, one in ten unseen, and one in a hundred carries the planted
+(`<time>.M..P..Q..R...<host>,S=4096,W=4096:2,<flags>`, as mx's delivery names them, `,W=`
+the CRLF size): nine in ten are `\\Seen`, one in ten unseen, and one in a hundred carries the planted
 word WORD in its body. The `dovecot-uidlist` is then written by mx's store (`mx.store.Folder.open`
 in this process, before either server runs), and the tree is copied: each server gets its own
 copy (Dovecot's index files, mx's files under its data_dir and the STORE renames never meet), and
@@ -187,7 +187,7 @@ def generate(box, n):
     cur = os.path.join(box, "cur")
     for i in range(n):
         sec, usec = t0 + i // 1000, (i % 1000) * 1000
-        name = "%d.M%dP%dQ%dR%08x.%s,S=%d:2,%s" % (sec, usec, pid, i, i * 2654435761 % (1 << 32), HOST, SIZE,
+        name = "%d.M%dP%dQ%dR%08x.%s,S=%d,W=%d:2,%s" % (sec, usec, pid, i, i * 2654435761 % (1 << 32), HOST, SIZE, SIZE,
                                                    "" if i % 10 == 9 else "S")
         path = os.path.join(cur, name)
         with open(path, "wb") as f:

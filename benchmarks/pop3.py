@@ -124,7 +124,7 @@ def generate(box, n):
     new = os.path.join(box, "new")
     for i in range(n):
         sec, usec = t0 + i // 1000, (i % 1000) * 1000
-        name = "%d.M%dP%dQ%dR%08x.%s,S=%d" % (sec, usec, pid, i, i * 2654435761 % (1 << 32), HOST, SIZE)
+        name = "%d.M%dP%dQ%dR%08x.%s,S=%d,W=%d" % (sec, usec, pid, i, i * 2654435761 % (1 << 32), HOST, SIZE, SIZE)
         with open(os.path.join(new, name), "wb") as f:
             f.write(make_message(i))
 

@@ -7,7 +7,9 @@ Invariants:
   is fsynced, renamed into `new/`, and then the `new/` directory is fsynced. A failure at any
   step removes what was written, so `new/` never holds a partial file.
 - File names are unique without locks: seconds, microseconds, pid, a per-process counter and
-  random bits, the host name, and `,S=<size>` (Dovecot reads the size from it).
+  random bits, the host name, and `,S=<size>` (Dovecot reads the size from it), then
+  `,W=<size with CRLF line ends>` when the message was in memory (Dovecot's virtual size; IMAP
+  sends a message whose W equals S without scanning it for bare LF).
 - Paths are built only from a validated user's domain and local part; `mailbox_path`
   refuses anything that could step outside `<data_dir>/mail`.
 """
@@ -111,5 +113,21 @@ def stage_copy(d: Delivery, known: set[Path]) -> Staged:
         parts.append(d.body_file)
     staged = stage(tmp, tmp, parts)
     # Dovecot reads the size from ",S=" in the name; it is known only now.
-    staged.final = d.maildir / "new" / f"{tmp.name.rsplit(',S=', 1)[0]},S={staged.size}"
+    name = f"{tmp.name.rsplit(',S=', 1)[0]},S={staged.size}"
+    if d.body_file is None:  # in memory: the CRLF size costs two C counts (a spooled body: none)
+        name += f",W={staged.size + bare_lf_count(parts)}"  # type: ignore[arg-type]
+    staged.final = d.maildir / "new" / name
     return staged
+
+
+def bare_lf_count(parts: list[bytes]) -> int:
+    """LFs not preceded by CR in the concatenation of `parts` (without joining them)."""
+    count = 0
+    previous = b""
+    for part in parts:
+        count += part.count(b"\n") - part.count(b"\r\n")
+        if previous.endswith(b"\r") and part.startswith(b"\n"):
+            count -= 1  # a CRLF split between two parts
+        if part:
+            previous = part
+    return count

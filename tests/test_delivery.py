@@ -48,3 +48,36 @@ class RemoveSpilledTests(SynchronousTestCase):
 
     def test_missing_folder(self) -> None:
         self.assertEqual(delivery.remove_spilled(Path(self.mktemp())), 0)
+
+
+class DeliveredNameTests(SynchronousTestCase):
+    """The delivered file's name carries its size and, when known, its CRLF size (`,W=`)."""
+
+    def stage(self, header: bytes, body: bytes) -> Path:
+        from mx import durable, maildir
+
+        md = Path(self.mktemp())
+        staged = maildir.stage_copy(maildir.Delivery(md, header, body), set())
+        durable.sync([staged])
+        staged.tmp.rename(staged.final)
+        return staged.final
+
+    def test_crlf_message_has_w_equal_to_s(self) -> None:
+        name = self.stage(b"Return-Path: <a@b>\r\n", b"Subject: x\r\n\r\nhi\r\n").name
+        size = len(b"Return-Path: <a@b>\r\nSubject: x\r\n\r\nhi\r\n")
+        self.assertTrue(name.endswith(f",S={size},W={size}"), name)
+
+    def test_bare_lf_counted_in_w(self) -> None:
+        name = self.stage(b"Return-Path: <a@b>\r\n", b"Subject: x\n\nhi\r\nthere\n").name
+        size = len(b"Return-Path: <a@b>\r\nSubject: x\n\nhi\r\nthere\n")
+        self.assertTrue(name.endswith(f",S={size},W={size + 3}"), name)
+
+    def test_bare_lf_count_across_parts(self) -> None:
+        from mx.maildir import bare_lf_count
+
+        self.assertEqual(bare_lf_count([b"a\r", b"\nb\n", b"", b"\n"]), 2)
+        self.assertEqual(bare_lf_count([b"a\r", b"", b"\nb"]), 0)
+        self.assertEqual(bare_lf_count([b"\n", b"\r\n"]), 1)
+        for parts in ([b"x\r\ny\n"], [b"x\r", b"\ny\n\r", b"\r\n"], [b"\n\n\r\n"]):
+            joined = b"".join(parts)
+            self.assertEqual(bare_lf_count(parts), joined.count(b"\n") - joined.count(b"\r\n"))

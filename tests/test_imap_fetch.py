@@ -638,3 +638,16 @@ class SpeedTests(SynchronousTestCase):
         self.assertLess(time.perf_counter() - start, 5.0)
 
 
+
+
+class CrlfCleanTests(SynchronousTestCase):
+    """`crlf_clean` (the name's ,W= equals its size) skips the bare-LF scan of BODY[] only."""
+
+    def test_same_bytes_as_the_scan_for_a_clean_message(self) -> None:
+        data = b"Subject: x\r\n\r\nhi\x00there\r\n"
+        for items in ("BODY.PEEK[]", "BODY.PEEK[]<2.5>", "BODY.PEEK[TEXT]", "RFC822"):
+            plan = plan_of(items)
+            args = dict(uid=1, flags=(), size=len(data), internaldate=None, data=data, root=None)
+            self.assertEqual(render(1, plan, **args, crlf_clean=True), render(1, plan, **args))  # type: ignore[arg-type]
+        self.assertIn(b"hi\x80there", render(1, plan_of("BODY.PEEK[]"), uid=1, flags=(), size=len(data),
+                                             internaldate=None, data=data, root=None, crlf_clean=True))

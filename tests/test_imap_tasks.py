@@ -42,7 +42,9 @@ class _Folder(TestCase):
 class NamesOnlyFetchTests(_Folder):
     def test_the_fast_path_answers_what_render_answers(self) -> None:
         pairs = self.view.select(SequenceSet("1:*"), False)
-        for items, uid in (("FLAGS", False), ("(FLAGS UID)", False), ("(RFC822.SIZE FLAGS)", True), ("UID", False)):
+        for items, uid in (("FLAGS", False), ("(FLAGS UID)", False), ("(RFC822.SIZE FLAGS)", True), ("UID", False),
+                           ("(FLAGS RFC822.SIZE UID)", False), ("(RFC822.SIZE UID FLAGS)", False),
+                           ("RFC822.SIZE", False)):
             plan = _plan(items, uid)
             fast, updated, missing = tasks.fetch_batch(self.folder, self.view, pairs, plan, False, None)
             slow = b"".join(

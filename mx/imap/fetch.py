@@ -366,11 +366,13 @@ def _header_fields(data: bytes, part: mime.Part, names: frozenset[bytes], exclud
     return b"".join(out)
 
 
-def section_bytes(data: bytes, root: mime.Part, section: Section) -> bytes | None:
+def section_bytes(data: bytes, root: mime.Part, section: Section, crlf_clean: bool = False) -> bytes | None:
     """The octets BODY[section] answers before <partial> is applied, as sent; None when the
     section names no part (or HEADER / TEXT of a part that is no message): render sends {0}.
     `root` may be None for the whole message (BODY[]), which needs no structure."""
     if root is None or (not section.part and section.text is None):
+        if crlf_clean:  # the name says CRLF size == size (",W="): no bare LF to look for
+            return data.replace(b"\x00", b"\x80") if b"\x00" in data else data
         return _wire(data)
     part = _find(root, section.part) if section.part else root
     if part is None:
@@ -834,8 +836,23 @@ def _flags(flags: Sequence[str]) -> bytes:
 def render(seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: int,
            internaldate: float | None, data: bytes | None, root: mime.Part | None,
            tz_offset_minutes: int | None = None, flags_changed: bool = False,
-           cached: dict[str, bytes] | None = None) -> bytes:
-    """One whole `* seq FETCH (...)` CRLF response for one message.
+           cached: dict[str, bytes] | None = None, crlf_clean: bool = False) -> bytes:
+    """One whole `* seq FETCH (...)` CRLF response for one message (see `render_into`)."""
+    out: list[bytes] = []
+    render_into(out, seq, plan, uid=uid, flags=flags, size=size, internaldate=internaldate, data=data, root=root,
+                tz_offset_minutes=tz_offset_minutes, flags_changed=flags_changed, cached=cached,
+                crlf_clean=crlf_clean)
+    return b"".join(out)
+
+
+def render_into(out: list[bytes], seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: int,
+                internaldate: float | None, data: bytes | None, root: mime.Part | None,
+                tz_offset_minutes: int | None = None, flags_changed: bool = False,
+                cached: dict[str, bytes] | None = None, crlf_clean: bool = False) -> None:
+    """One whole `* seq FETCH (...)` CRLF response for one message, appended to `out` in
+    pieces whose concatenation is the response: a literal's octets are a piece of their
+    own, so a BODY[] is not copied once per layer (literal, item list, response line).
+    `crlf_clean`: the caller knows `data` has no bare LF (its name's ",W=" equals its size).
 
     `flags` are IMAP names, already including a \\Seen this FETCH sets; with `flags_changed`
     (this FETCH just set \\Seen) FLAGS is answered first even when not asked, as Dovecot does
@@ -846,7 +863,7 @@ def render(seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: i
     `cached` holds answers to ENVELOPE / BODY / BODYSTRUCTURE (from `structure`); when it
     has every one the plan asks and no section is asked, `data` is not needed.
     """
-    parts: list[bytes] = []
+    parts: list[bytes | tuple[bytes, bytes]] = []  # (head, octets): a literal
     if flags_changed and "FLAGS" not in plan.items:
         parts.append(_flags(flags))
     if cached is not None and not plan.sections and all(i in cached for i in plan.structures):
@@ -875,9 +892,23 @@ def render(seq: int, plan: FetchPlan, *, uid: int, flags: Sequence[str], size: i
             parts.append(name + (cached[item] if cached else bodystructure(data, root, code == _STRUCTURE)))  # type: ignore[arg-type]
         else:
             assert section is not None
-            octets = section_bytes(data, root, section) or b""  # type: ignore[arg-type]
+            octets = section_bytes(data, root, section, crlf_clean) or b""  # type: ignore[arg-type]
             if section.partial is not None:
                 origin, length = section.partial
                 octets = octets[origin:origin + length]
-            parts.append(name + respond.literal(octets))
-    return b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))
+            parts.append((b"%s{%d}\r\n" % (name, len(octets)), octets))
+    # Small items are joined; a literal's octets go to `out` as they are.
+    line = [b"* %d FETCH (" % seq]
+    sep = b""
+    for part in parts:
+        line.append(sep)
+        sep = b" "
+        if type(part) is tuple:
+            line.append(part[0])
+            out.append(b"".join(line))
+            out.append(part[1])
+            line = []
+        else:
+            line.append(part)
+    line.append(b")\r\n")
+    out.append(b"".join(line))

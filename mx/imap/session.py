@@ -31,7 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -54,7 +54,8 @@ __all__ = ["State", "Session", "Link", "ALLOWED", "capabilities"]
 log = Logger()
 
 FETCH_BATCH = 500  # messages per read-pool trip of a FETCH that reads files
-FLAGS_BATCH = 20_000  # messages per trip when no file is read
+FLAGS_BATCH = 2_000  # messages per trip when no file is read (small: the client reads the first meanwhile)
+FETCH_BATCH_OCTETS = 4 << 20  # and at most this much message data per trip (one message at least)
 STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 _DATE_TIME = re.compile(r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$")
 _MONTHS = {m.lower(): i for i, m in enumerate(calendar.month_abbr) if m}
@@ -716,17 +717,28 @@ class Session:
         pairs = self._select(cmd.args[0], by_uid)
         seen = plan.sets_seen and not view.read_only
         batch = FETCH_BATCH if (plan.needs_file or plan.needs_date or seen) else FLAGS_BATCH
+        chunks = _fetch_chunks(pairs, view, batch, FETCH_BATCH_OCTETS if plan.needs_file else 0)
         gone = False
-        for i in range(0, len(pairs), batch):
-            chunk = pairs[i : i + batch]
-            last = i + batch >= len(pairs)
-            data, updated, missing = await (self.store_then_sync if last else self.store)(
-                tasks.fetch_batch, self.folder, view, chunk, plan, seen, self.cache)
-            for info in updated:
-                view.update_info(info)
-            gone = gone or missing
-            self.link.write(data)
-            await self.link.drain()
+
+        def start(k: int) -> Deferred[Any]:
+            trip = self.store_then_sync if k == len(chunks) - 1 else self.store
+            return ensureDeferred(trip(tasks.fetch_batch, self.folder, view, chunks[k], plan, seen, self.cache))
+
+        # The next batch is read while this one is sent: at most two batches in memory.
+        ahead = start(0) if chunks else None
+        try:
+            for k in range(len(chunks)):
+                assert ahead is not None
+                data, updated, missing = await ahead
+                ahead = start(k + 1) if k + 1 < len(chunks) else None
+                for info in updated:
+                    view.update_info(info)
+                gone = gone or missing
+                self.link.write(data)
+                await self.link.drain()
+        finally:
+            if ahead is not None:  # given up half-way (the connection went): let it finish quietly
+                ahead.addErrback(lambda _f: None)
         if gone:
             raise no("Some of the requested messages no longer exist", "EXPUNGEISSUED")
         return tagged(cmd.tag, "OK", f"{cmd.name} completed")
@@ -819,6 +831,26 @@ class Session:
 
 
 IDLE_KEEPALIVE = 120.0
+
+
+def _fetch_chunks(pairs: list[tuple[int, int]], view: View, count: int, octets: int) -> list[list[tuple[int, int]]]:
+    """FETCH's (seq, uid) pairs cut into trips of at most `count` messages and, when `octets`,
+    at most that many octets of messages (sizes from the view: no file is opened)."""
+    if not octets:
+        return [pairs[i : i + count] for i in range(0, len(pairs), count)]
+    chunks: list[list[tuple[int, int]]] = []
+    info_of = view.info
+    start = total = 0
+    for i, (_seq, uid) in enumerate(pairs):
+        info = info_of.get(uid)
+        size = info.size if info is not None else 0
+        if i > start and (i - start >= count or total + size > octets):
+            chunks.append(pairs[start:i])
+            start, total = i, 0
+        total += size
+    if start < len(pairs):
+        chunks.append(pairs[start:])
+    return chunks
 
 
 def _status_line(name: str, status: dict[str, int], items: Sequence[str]) -> bytes:

@@ -140,31 +140,49 @@ _NAME_ONLY = frozenset({"UID", "FLAGS", "RFC822.SIZE"})
 
 
 def _fetch_names_only(view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan) -> bytes:
-    """FETCH of UID / FLAGS / RFC822.SIZE only (what clients sync with): one format per
-    message, flag lists made once per distinct set; the same bytes `fetch.render` makes."""
+    """FETCH of UID / FLAGS / RFC822.SIZE only (what clients sync with): one `%` format per
+    message, from a template made once per distinct flag set (the flags written into it);
+    the same bytes `fetch.render` makes."""
     names = _FlagNames(view)
     info_of, recent = view.info, view.recent
-    flag_bytes: dict[tuple[frozenset[str], bool], bytes] = {}
     items = plan.items
+    wants_size = "RFC822.SIZE" in items
+    wants_uid = "UID" in items
+    # The numbers in the order the items come: seq, then uid and/or size.
+    uid_first = not wants_size or not wants_uid or items.index("UID") < items.index("RFC822.SIZE")
+    templates: dict[tuple[frozenset[str], bool], bytes] = {}
+
+    def template(key: tuple[frozenset[str], bool]) -> bytes:
+        parts = []
+        for item in items:
+            if item == "UID":
+                parts.append(b"UID %d")
+            elif item == "FLAGS":
+                flags = " ".join(names.list(*key)).encode().replace(b"%", b"%%")
+                parts.append(b"FLAGS (" + flags + b")")
+            else:
+                parts.append(b"RFC822.SIZE %d")
+        made = templates[key] = b"* %d FETCH (" + b" ".join(parts) + b")\r\n"
+        return made
+
     out: list[bytes] = []
     append = out.append
     for seq, uid in pairs:
         info = info_of.get(uid)
         if info is None:
             continue
-        parts = []
-        for item in items:
-            if item == "UID":
-                parts.append(b"UID %d" % uid)
-            elif item == "FLAGS":
-                key = (info.flags, uid in recent)
-                fb = flag_bytes.get(key)
-                if fb is None:
-                    fb = flag_bytes[key] = b"FLAGS (" + " ".join(names.list(*key)).encode() + b")"
-                parts.append(fb)
+        key = (info.flags, uid in recent)
+        tmpl = templates.get(key) or template(key)
+        if wants_size:
+            size = info.vsize or info.size
+            if wants_uid:
+                append(tmpl % ((seq, uid, size) if uid_first else (seq, size, uid)))
             else:
-                parts.append(b"RFC822.SIZE %d" % (info.vsize or info.size))
-        append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
+                append(tmpl % (seq, size))
+        elif wants_uid:
+            append(tmpl % (seq, uid))
+        else:
+            append(tmpl % seq)
     return b"".join(out)
 
 
@@ -217,9 +235,9 @@ def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: 
             updated.append(info)
             changed = True
         flags = names.list(info.flags, uid in recent)
-        out.append(fetch.render(seq, plan, uid=uid, flags=flags, size=info.vsize or info.size,
-                                internaldate=dates.get(uid), data=data, root=root, flags_changed=changed,
-                                cached=cached))
+        fetch.render_into(out, seq, plan, uid=uid, flags=flags, size=info.vsize or info.size,
+                          internaldate=dates.get(uid), data=data, root=root, flags_changed=changed, cached=cached,
+                          crlf_clean=info.vsize == info.size)
     if cache is not None:
         cache.flush()
     return b"".join(out), updated, missing
