@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+from itertools import compress
 from operator import attrgetter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ class View:
     # UIDs; a dict keeps its order on updates and deletes, and new UIDs come at the end,
     # so only an insertion below the top breaks it. Lets flag scans walk `info.values()`.
     _in_order: bool | None = None
+    # Sequence numbers per distinct flag-letter set (ascending), made on demand for flag
+    # SEARCHes (a client polling SEARCH UNSEEN) and dropped on any change to the view.
+    _groups: dict[frozenset[str], list[int]] | None = None
 
     @classmethod
     def open(cls, infos: Iterable[MessageInfo] | dict[int, MessageInfo], recent: Iterable[int],
@@ -154,6 +158,16 @@ class View:
             return list(map(_FLAGS_OF, self.info.values()))
         return list(map(_FLAGS_OF, map(self.info.__getitem__, self.uids)))
 
+    def groups(self) -> dict[frozenset[str], list[int]]:
+        """Letter set -> the sequence numbers of the messages with exactly those letters."""
+        if self._groups is None:
+            letters = self.letters()
+            numbers = range(1, len(letters) + 1)
+            # A handful of distinct sets; each pass is C loops (letter sets are interned, but
+            # equality, not identity, decides).
+            self._groups = {f: list(compress(numbers, map(f.__eq__, letters))) for f in set(letters)}
+        return self._groups
+
     def first_unseen(self) -> int | None:
         for seq, uid in enumerate(self.uids, 1):
             if "S" not in self.info[uid].flags:
@@ -174,11 +188,14 @@ class View:
     def update_info(self, info: MessageInfo) -> None:
         """Our own STORE or \\Seen: the store's new info, no response here (the caller sends)."""
         if info.uid in self.info:
+            if self.info[info.uid].flags != info.flags:
+                self._groups = None
             self.info[info.uid] = info
 
     def apply(self, changes: Changes, recent: Iterable[int], keywords: dict[str, str],
               next_uid: int, expunge_ok: bool) -> bytes:
         """Take a refresh's changes; the untagged responses to send now (maybe b"")."""
+        self._groups = None
         out: list[bytes] = []
         new_keywords = keywords != self.keywords
         self.keywords = dict(keywords)
@@ -218,6 +235,7 @@ class View:
     def expunged(self, uids: Sequence[int]) -> bytes:
         """Remove these UIDs, returning `* n EXPUNGE` for each, numbers as they shift."""
         gone = set(uids)
+        self._groups = None
         self.pending -= gone
         out: list[bytes] = []
         # Highest first: each number sent is then valid at the moment it is sent.

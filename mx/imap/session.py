@@ -823,7 +823,7 @@ class Session:
             raise bad(str(e)) from None
         hits = await self.store_then_sync(tasks.run_search, self.folder, view, query)
         numbers = [u if by_uid else s for s, u in hits]
-        self.link.write(b"* SEARCH" + "".join(map(" %d".__mod__, numbers)).encode() + b"\r\n")
+        self.link.write(b"* SEARCH " + " ".join(map(str, numbers)).encode() + b"\r\n" if numbers else b"* SEARCH\r\n")
         return tagged(cmd.tag, "OK", f"{cmd.name} completed")
 
     async def do_UID_SEARCH(self, cmd: Command) -> bytes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from itertools import compress
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -319,8 +319,9 @@ def run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[in
 
 def _search_flags(view: View, names: _FlagNames, test: Any) -> list[tuple[int, int]]:
     """SEARCH UNSEEN and friends: one answer per distinct flag set (a folder has a handful
-    of flag combinations), then a list of answers picked by C loops (`compress`), not a
-    Python step per message; \\Recent (a few messages) is put right afterwards."""
+    of flag combinations), then the sequence numbers the view keeps per flag set
+    (`View.groups`, made once, by C loops) of the sets that match: no Python step per
+    message; \\Recent (a few messages) is decided right afterwards."""
     uids, recent = view.uids, view.recent
     max_seq, max_uid = len(uids), (uids[-1] if uids else 0)
     answers: dict[tuple[frozenset[str], bool], bool] = {}
@@ -333,14 +334,22 @@ def _search_flags(view: View, names: _FlagNames, test: Any) -> list[tuple[int, i
             hit = answers[key] = bool(test(c, max_seq, max_uid, None))
         return hit
 
-    letters = view.letters()
-    by_letters = {f: answer(0, 0, f, False) for f in set(letters)}
-    wanted = list(map(by_letters.__getitem__, letters))
-    for uid in recent:
-        seq = view.seq_of(uid)
-        if seq is not None:
-            wanted[seq - 1] = answer(seq, uid, letters[seq - 1], True)
-    return list(zip(compress(range(1, max_seq + 1), wanted), compress(uids, wanted)))
+    groups = view.groups()
+    hits = [seqs for f, seqs in groups.items() if answer(0, 0, f, False)]
+    seqs = hits[0] if len(hits) == 1 else sorted(chain.from_iterable(hits))  # sorted runs: a merge
+    if recent:  # \\Recent (a few messages) may change the answer: those are decided one by one
+        hit = set(seqs)
+        info_of = view.info
+        for uid in recent:
+            seq = view.seq_of(uid)
+            if seq is None:
+                continue
+            if answer(seq, uid, info_of[uid].flags, True):
+                hit.add(seq)
+            else:
+                hit.discard(seq)
+        seqs = sorted(hit)
+    return [(seq, uids[seq - 1]) for seq in seqs]
 
 
 class _FlagNames:
