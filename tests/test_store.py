@@ -130,6 +130,20 @@ class FolderTests(SynchronousTestCase):
         (m,) = self.open().messages()
         self.assertEqual((m.size, m.vsize), (5, None))
 
+    def test_sizes_from_the_name(self) -> None:
+        cases = {
+            "1700000001.a.host,S=10": (10, None),
+            "1700000002.b.host,S=10,W=12": (10, 12),
+            "1700000003.c.host,W=12,S=10": (10, 12),
+            "1700000004.d.host,S=10,W=x": (10, None),
+            "1700000005.e.host,S=1\u0663": (5, None),  # not ASCII digits: the file's size
+            "1700000006.f.host,S=10,X=1,W=12": (10, 12),
+        }
+        for name in cases:
+            deliver(self.md, body=b"12345", name=name)
+        got = {m.base: (m.size, m.vsize) for m in self.open().messages()}
+        self.assertEqual(got, cases)
+
     def test_unknown_files_and_dirs(self) -> None:
         deliver(self.md)
         (self.md / "new" / ".hidden").write_bytes(b"not mail")

@@ -477,12 +477,20 @@ class Folder:
             flags = _flagset(name[i + 3 :]) if name.startswith("2,", i + 1) else EMPTY
         size = vsize = None
         j = base.find(",S=")
-        if j >= 0:
+        tail = base[j + 3 :] if j >= 0 else ""
+        if tail.isascii() and tail.isdigit():  # "...,S=4096"
+            size = int(tail)
+            if ",W=" in base:  # before ",S=" (Dovecot writes it after)
+                vsize = size_field(base, "W")
+        elif j >= 0 and (parts := tail.partition(",W="))[1] and parts[0].isdigit() and parts[2].isdigit() \
+                and tail.isascii():  # "...,S=4096,W=4160": mx's and Dovecot's names, in one split
+            size, vsize = int(parts[0]), int(parts[2])
+        elif j >= 0:
             end = base.find(",", j + 3)
             digits = base[j + 3 :] if end < 0 else base[j + 3 : end]
             if digits.isdigit() and digits.isascii():
                 size = int(digits)
-            if end >= 0:
+            if ",W=" in base:
                 vsize = size_field(base, "W")
         elif ",W=" in base:
             vsize = size_field(base, "W")
