@@ -16,7 +16,9 @@ Invariants:
   chunk is read, so a large message is never whole in memory on either side.
 - Deletions happen only in the UPDATE state, after QUIT from TRANSACTION (RFC 1939 §6); an
   idle timeout, a shutdown or a dropped connection deletes nothing. A message sent whole by
-  RETR gets the `S` flag (Dovecot does the same).
+  RETR gets the `S` flag (Dovecot does the same), in a pool trip that runs after the
+  response is written (with the read-ahead of the next message); the next store call of the
+  session waits for it.
 - A maildrop is locked for the session (RFC 1939 §8): a per-factory set of mailbox paths plus
   an `flock` on `<maildir>/mx-pop3.lock`, taken in the pool and released by the kernel if the
   process dies; a second session gets `-ERR [IN-USE]`. The lock is released only after the
@@ -33,11 +35,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -87,6 +89,9 @@ T = TypeVar("T")
 PAUSE_BUFFER = 64 * 1024  # stop reading while a command is pending and this much waits
 READ_CHUNK = 64 * 1024  # bytes of a large message read per trip to the pool
 FIRST_READ = 256 * 1024  # read with the open: a message this small costs one trip, one write
+AHEAD_COUNT = 32  # messages read ahead per trip ...
+AHEAD_OCTETS = 1 << 20  # ... and at most about this many octets of them
+AHEAD_LOW = 8  # a new trip once fewer of the next messages than this are read already
 MAX_ERRORS = 20  # unknown or out-of-place commands; then the client is cut off
 LOCK_FILE = "mx-pop3.lock"
 INTERNAL_ERROR = Response.err("Internal error, try again later", RespCode.SYS_TEMP)
@@ -198,7 +203,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.brake: ConnectionBrake | None = None
         self.maildrop: Maildrop | None = None
         self.folder: Folder | None = None
-        self._ahead: tuple[int, Deferred[Any]] | None = None  # (uid, the read of it in flight)
+        # Read-ahead (see `_read_ahead`): messages read for RETRs to come, by UID; the UIDs
+        # retrieved and not yet renamed \\Seen; the trip to the pool in flight, if any.
+        self._read: dict[int, tuple[BinaryIO | None, bytes]] = {}
+        self._seen: list[int] = []
+        self._ahead: Deferred[None] | None = None
         self.errors = 0
         self._root: Path | None = None  # the locked maildrop
         self._lock_fd: int | None = None
@@ -247,15 +256,19 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.sasl.cancel()
         if self._throttle is not None:
             self._throttle.release()  # a RETR waiting for the socket ends now
-        if self._ahead is not None:  # a read-ahead nobody will take: close what it opened
-            self._ahead[1].addCallback(lambda r: r is not None and r[0] is not None and r[0].close())
-            self._ahead = None
+        waits = []
+        if self._ahead is not None or self._seen or self._read:
+            # The trip in flight, then the \\Seen renames still owed and the files read ahead
+            # that nobody will take.
+            waits.append(Deferred.fromCoroutine(self._settle_ahead()))
         if self.maildrop is not None:  # not after QUIT: _update logged it and let it go
             self._log_end(quit=False)
-        # The lock goes only after the session's last store call (a RETR's read, an expunge).
-        pending = self._pending if self._busy else None
-        if pending is not None:
-            pending.addBoth(lambda r: self._release())
+        # The lock goes only after the session's last store call (a RETR's read, an expunge,
+        # a \\Seen rename).
+        if self._busy and self._pending is not None:
+            waits.append(self._pending)
+        if waits:
+            DeferredList(waits, consumeErrors=True).addBoth(lambda r: self._release())
         else:
             self._release()
         if self._counted:
@@ -414,6 +427,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         """RFC 1939 §6: the UPDATE state removes the messages marked as deleted."""
         assert self.maildrop is not None and self.folder is not None
         self.state = State.UPDATE
+        await self._settle_ahead()  # one store call at a time: a \\Seen rename may be in flight
         uids = self.maildrop.deleted_uids()
         response = None
         if uids:
@@ -634,7 +648,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         f = self.factory
         folder = self.folder
         assert folder is not None and self.maildrop is not None
-        read = await self._take_read_ahead(entry)
+        read = await self._take_read(entry.uid)
         try:
             # One trip to the pool opens the file and reads its first FIRST_READ bytes (and
             # closes it if that was all): most messages cost one trip, and are sent at once.
@@ -658,21 +672,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             complete = await self._stream_rest(fh, head + out, retrieval, entry)
         if complete and lines is None:
             self.maildrop.retrieved.add(n)
-            following = self._next_small(n + 1)
-            if not self.factory.config.pop3.mark_seen:  # the file stays as delivered
-                if following is not None:
-                    d = f.in_pool(_read_quietly, folder, following.uid)
-                    self._ahead = (following.uid, d)
-                return
-            # One trip: the \Seen rename of this message and the read-ahead of the next.
-            try:
-                ahead = await f.in_pool(_mark_seen_and_read, folder, entry.uid,
-                                        following.uid if following is not None else None)
-            except Exception:
-                log.failure("could not mark message {uid} of {user} seen", Failure(), uid=entry.uid, user=self.user)
-                return
-            if following is not None and ahead is not None:
-                self._ahead = (following.uid, succeed(ahead))
+            if self.factory.config.pop3.mark_seen:
+                self._seen.append(entry.uid)  # renamed by the next trip, or at the session's end
+            self._read_ahead(n + 1)
 
     def _next_small(self, n: int) -> Entry | None:
         """Message `n`, if it is there and small enough to read ahead.
@@ -687,17 +689,68 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         entry = maildrop.entries[n - 1]
         return entry if entry.size < FIRST_READ else None
 
-    async def _take_read_ahead(self, entry: Entry) -> tuple[BinaryIO | None, bytes] | None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return None
-        uid, d = ahead
-        result = await d
-        if uid == entry.uid:
+    def _read_ahead(self, n: int) -> None:
+        """Start a trip that renames the retrieved messages \\Seen and reads the next small
+        ones (from message `n` on, up to AHEAD_COUNT / AHEAD_OCTETS), unless one is in flight
+        or the next AHEAD_LOW are read already. RETRs then answer from memory: one trip per
+        AHEAD_COUNT messages instead of one per message. The command does not wait for it."""
+        if self._ahead is not None or self.folder is None:
+            return
+        k, have = n, 0
+        while (entry := self._next_small(k)) is not None and entry.uid in self._read:
+            have, k = have + 1, k + 1
+        if have >= AHEAD_LOW and len(self._seen) < AHEAD_COUNT:
+            return  # enough read already; the renames wait for the next trip
+        uids: list[int] = []
+        total = 0
+        while len(uids) < AHEAD_COUNT and total < AHEAD_OCTETS and (entry := self._next_small(k)) is not None:
+            if entry.uid not in self._read:
+                uids.append(entry.uid)
+                total += entry.size
+            k += 1
+        if not uids and len(self._seen) < AHEAD_COUNT:
+            return  # nothing to read: the renames wait for QUIT (or the next trip)
+        seen, self._seen = self._seen, []
+        d = self.factory.in_pool(_seen_and_read, self.folder, seen, uids)
+
+        def arrived(result: tuple[dict[int, tuple[BinaryIO | None, bytes]], list[tuple[int, str]]]) -> None:
+            read, failed = result
+            for uid, why in failed:
+                log.info("pop3 could not mark message {uid} of {user} seen: {why}", uid=uid, user=self.user, why=why)
+            self._read.update(read)
+
+        def done(result: Any) -> Any:
+            self._ahead = None
             return result
-        if result is not None and result[0] is not None:
-            await self.factory.in_pool(result[0].close)  # not the message asked for
-        return None
+
+        d.addCallback(arrived)
+        d.addErrback(lambda failure: log.failure("pop3 read-ahead of {user} failed", failure, user=self.user))
+        d.addBoth(done)
+        self._ahead = d
+
+    async def _take_read(self, uid: int) -> tuple[BinaryIO | None, bytes] | None:
+        """Message `uid` as read ahead, else None; first waits for the trip in flight (one
+        store call at a time per session)."""
+        if self._ahead is not None:
+            await self._ahead
+        return self._read.pop(uid, None)
+
+    async def _settle_ahead(self) -> None:
+        """Before the session's next other store call, or at its end: the trip in flight, then
+        the \\Seen renames still owed, and the files read ahead closed."""
+        if self._ahead is not None:
+            await self._ahead
+        seen, self._seen = self._seen, []
+        left = [fh for fh, _first in self._read.values() if fh is not None]
+        self._read.clear()
+        if (seen or left) and self.folder is not None:
+            try:
+                _read, failed = await self.factory.in_pool(_seen_and_read, self.folder, seen, [], left)
+            except Exception:
+                log.failure("pop3 could not mark messages of {user} seen", Failure(), user=self.user)
+                return
+            for uid, why in failed:
+                log.info("pop3 could not mark message {uid} of {user} seen: {why}", uid=uid, user=self.user, why=why)
 
     async def _stream_rest(self, fh: BinaryIO, start: bytes, retrieval: Retrieval, entry: Entry) -> bool:
         """A message larger than FIRST_READ: the rest in READ_CHUNK reads, one per pool trip,
@@ -744,10 +797,25 @@ def _read_quietly(folder: Folder, uid: int) -> tuple[BinaryIO | None, bytes] | N
         return None
 
 
-def _mark_seen_and_read(folder: Folder, uid: int, following: int | None) -> tuple[BinaryIO | None, bytes] | None:
-    """In the pool: \\Seen for `uid`, then the read-ahead of `following`."""
-    mark_seen(folder, uid)
-    return _read_quietly(folder, following) if following is not None else None
+def _seen_and_read(folder: Folder, seen: list[int], uids: list[int], close: Sequence[BinaryIO] = ()
+                   ) -> tuple[dict[int, tuple[BinaryIO | None, bytes]], list[tuple[int, str]]]:
+    """In the pool, one trip: \\Seen for the messages in `seen`, the read-ahead of `uids`,
+    and `close` closed. Returns what was read (a message that failed is left out: RETR reads
+    it again and reports it) and (uid, why) of each rename that failed."""
+    failed: list[tuple[int, str]] = []
+    for uid in seen:
+        try:
+            mark_seen(folder, uid)
+        except Exception as e:  # vanished or unwritable: the message was sent all the same
+            failed.append((uid, str(e)))
+    read = {}
+    for uid in uids:
+        got = _read_quietly(folder, uid)
+        if got is not None:
+            read[uid] = got
+    for fh in close:
+        fh.close()
+    return read, failed
 
 
 def _open_and_read(folder: Folder, uid: int, size: int) -> tuple[BinaryIO | None, bytes]:

@@ -682,6 +682,41 @@ class MailboxTests(POP3Case):
         self.assertTrue(file_of(self.config, b"Subject: two").name.endswith(":2,S"))
         self.assertNotIn(":2,S", file_of(self.config, b"Subject: one").name)
 
+    async def test_seen_rename_after_the_reply_is_waited_for(self) -> None:
+        # The \\Seen rename runs after RETR's reply; QUIT's expunge and the next session
+        # must see it done (one store call at a time, the lock kept until then).
+        await self.start(mark_seen=True)
+        await self.deliver(message("one"), message("two"), message("three"))
+
+        def client() -> tuple[bytes, int]:
+            p = self.pop()
+            p.retr(3)  # the last one: no read-ahead, the rename alone
+            p.retr(1)
+            p.dele(1)
+            p.quit()
+            p = self.pop()  # a session dropped right after a RETR
+            p.retr(1)  # "two", now message 1
+            p.close()  # no QUIT
+            for _ in range(100):
+                again = self.pop(user=None)
+                try:
+                    again.user(ALICE)
+                    again.pass_(ALICE_PW)
+                except poplib.error_proto:
+                    again.close()
+                    time.sleep(0.05)  # the lock goes once the rename finished
+                    continue
+                count = again.stat()[0]
+                again.quit()
+                return b"ok", count
+            return b"still in use", 0
+
+        got = await self.thread(client)
+        self.assertEqual(got, (b"ok", 2))
+        self.assertFalse(any(b"Subject: one" in p.read_bytes() for p in mail_files(self.config)))
+        for subject in (b"Subject: two", b"Subject: three"):
+            self.assertTrue(file_of(self.config, subject).name.endswith(":2,S"), subject)
+
     async def test_second_session_gets_in_use(self) -> None:
         await self.start()
         await self.deliver(message("one"))
