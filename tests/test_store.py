@@ -512,6 +512,39 @@ class OwnChangeTrustTests(SynchronousTestCase):
         self.assertTrue(self.listed, "a table not trusted before our change is listed again")
 
 
+class SharedTableTests(SynchronousTestCase):
+    """A second open of a calm folder borrows the first one's table (no listing, no copy);
+    a change by either never shows in the other, nor in the shared snapshot."""
+
+    def test_borrowed_tables_are_copied_before_a_change(self) -> None:
+        from mx.store import folder as folder_module
+
+        md = Path(self.mktemp())
+        (md / "new").mkdir(parents=True)
+        for _ in range(5):
+            deliver(md)
+        Folder.open(md, take_new=True)
+        age_dirs(md)
+        first = Folder.open(md)
+        listed: list[str] = []
+        real_listdir = os.listdir
+        self.patch(os, "listdir", lambda p: listed.append(str(p)) or real_listdir(p))
+        second, third = Folder.open(md), Folder.open(md)
+        self.assertEqual(listed, [], "calm and listed already: borrowed")
+        snapshot = dict(folder_module._shared.get(md, second._stamp_now())[0])
+        second.set_flags(1, frozenset("F"))
+        third.set_flags_many([(2, frozenset("D"))])
+        third.expunge([3])
+        self.assertEqual(first.get(1).flags, frozenset())
+        self.assertEqual(first.get(2).flags, frozenset())
+        self.assertIsNotNone(first.get(3))
+        self.assertEqual(second.get(2).flags, frozenset())
+        self.assertEqual(third.get(1).flags, frozenset())
+        self.assertEqual(dict(folder_module._shared.get(md, first._snapshot)[0]), snapshot)
+        self.patch(os, "listdir", real_listdir)
+        self.assertEqual([(i.uid, i.flags) for i in first.refresh().flags], [(1, frozenset("F")), (2, frozenset("D"))])
+
+
 class ScaleTests(SynchronousTestCase):
     def test_20000_messages_open_without_reading_bodies(self) -> None:
         md = Path(self.mktemp())

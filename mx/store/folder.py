@@ -139,6 +139,9 @@ class Folder:
         self._log: Log = log or (lambda line: None)
         self._by_uid: dict[int, MessageInfo] = {}
         self._fields: dict[int, str] = {}
+        # The two tables are the shared snapshot's (see _reuse_shared): copied before the
+        # first change, so a second session opening a big calm folder copies nothing.
+        self._borrowed = False
         self._snapshot: tuple[int, int, tuple[int, int, int] | None] | None = None
         # Until when (time_ns) `_snapshot` holds if the stamp is unchanged; None: for good
         # (a calm listing). Set after our own changes (see `_own_change`).
@@ -327,7 +330,7 @@ class Folder:
         if found is None:
             return None
         table, fields, self.uidvalidity, self.next_uid, self.guid, in_new = found
-        self._by_uid, self._fields = dict(table), dict(fields)
+        self._by_uid, self._fields, self._borrowed = table, fields, True
         self._placed = None  # the first re-listing rebuilds in full
         self._distrust()
         self._snapshot = stamp
@@ -422,7 +425,7 @@ class Folder:
             if f:
                 fields[uid] = f
         vanished = tuple(uid for uid in self._by_uid if uid not in table or validity_changed)
-        self._by_uid, self._fields = table, fields
+        self._by_uid, self._fields, self._borrowed = table, fields, False
         self._placed, self._placed_from = placed, ul
         return Changes(tuple(new), vanished, tuple(reflagged), validity_changed)
 
@@ -438,6 +441,7 @@ class Folder:
         moved = files.items() - placed.items()
         if any(base not in placed for base, _where in moved):
             return None
+        self._own_tables()
         table, uids = self._by_uid, ul.uids
         reflagged: list[MessageInfo] = []
         vanished: list[int] = []
@@ -455,13 +459,22 @@ class Folder:
         vanished.sort()
         return Changes((), tuple(vanished), tuple(reflagged))
 
+    def _own_tables(self) -> None:
+        """Before changing the tables in place: stop sharing them (see `_borrowed`)."""
+        if self._borrowed:
+            self._by_uid, self._fields, self._borrowed = dict(self._by_uid), dict(self._fields), False
+
     def _place(self, info: MessageInfo) -> None:
         """Put a message's current info in the table (and where it is in `_placed`)."""
+        if self._borrowed:
+            self._own_tables()
         self._by_uid[info.uid] = info
         if self._placed is not None:
             self._placed[info.base] = (info.subdir, info.name)
 
     def _forget(self, info: MessageInfo) -> None:
+        if self._borrowed:
+            self._own_tables()
         self._by_uid.pop(info.uid, None)
         self._fields.pop(info.uid, None)
         if self._placed is not None:
@@ -681,6 +694,7 @@ class Folder:
         Returns the new info of each message renamed; unknown or vanished UIDs are skipped."""
         updated: list[MessageInfo] = []
         suffix: dict[frozenset[str], tuple[str, frozenset[str]]] = {}
+        self._own_tables()
         table, where = self._by_uid, self._where
         for uid, flags in wanted:
             info = table.get(uid)
