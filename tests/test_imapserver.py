@@ -8,6 +8,7 @@ smtplib to the smtp port. Blocking clients run in threads so the reactor keeps s
 from __future__ import annotations
 
 import imaplib
+import os
 import re
 import socket
 import ssl
@@ -612,6 +613,36 @@ class IdleTests(IMAPCase):
         self.assertTrue(any(b"FETCH" in x and b"\\Flagged" in x for x in seen), seen)
         r.send(b"DONE\r\n")
         self.assertTrue((await self.thread(r.until_tagged, b"c"))[-1].startswith(b"c OK"))
+
+
+    async def test_idle_after_own_store_sees_a_change_hidden_in_the_same_tick(self) -> None:
+        # After our own STORE the folder's stamp is trusted for two seconds; a change by
+        # another program that leaves cur/'s mtime as it was (same clock tick) must still be
+        # announced to an idling client once that window ends.
+        await self.start()
+        await self.deliver(message("one"), message("two"))
+        r = await self.thread(self.raw)
+        await self.thread(r.command, f"a LOGIN {ALICE} {ALICE_PW}\r\n".encode())
+        await self.thread(r.command, b"b SELECT INBOX\r\n")
+        cur = self.config.data_dir / "mail" / "example.test" / "alice" / "cur"
+        t = time.time() - 30
+        os.utime(cur, (t, t))
+        os.utime(cur.parent / "new", (t, t))
+        await self.thread(r.command, b"c NOOP\r\n")  # calm now: the table is trusted
+        await self.thread(r.command, b"d STORE 1 +FLAGS (\\Seen)\r\n")
+        r.send(b"e IDLE\r\n")
+        self.assertEqual(await self.thread(r.line), b"+ idling")
+        (name,) = [n for n in os.listdir(cur) if not n.endswith("S")]
+        st = os.stat(cur)
+        os.rename(cur / name, cur / (name + "F"))  # another program flags message 2 ...
+        os.utime(cur, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... in the same mtime tick
+        start = time.monotonic()
+        line = await self.thread(r.line)
+        self.assertIn(b"FETCH", line)
+        self.assertIn(b"\\Flagged", line)
+        self.assertLess(time.monotonic() - start, 5.0)
+        r.send(b"DONE\r\n")
+        self.assertTrue((await self.thread(r.until_tagged, b"e"))[-1].startswith(b"e OK"))
 
 
 class BadInputTests(IMAPCase):

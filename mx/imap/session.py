@@ -170,6 +170,7 @@ class Session:
         self._idle_dirty = False
         self._idle_busy = False
         self._keepalive: Any = None
+        self._recheck: Any = None  # an idle refresh at the end of the folder's trust window
         # A refresh made in the same pool trip as the command's last store call (its folder
         # and result; None: the command itself just listed the folder). `_sync` takes it
         # instead of a trip of its own: one thread hop per command, not two.
@@ -599,8 +600,18 @@ class Session:
                     return
                 if updates and self._idling:
                     self.link.write(updates)
+            # Inside the folder's trust window after our own changes a change by another
+            # program may show only once it ends: look again then (nothing else would wake us).
+            folder = self.folder
+            wait = folder.trust_left() if folder is not None and self._idling else None
+            if wait is not None and self._recheck is None:
+                self._recheck = self.clock.callLater(wait + 0.05, self._recheck_fired)
         finally:
             self._idle_busy = False
+
+    def _recheck_fired(self) -> None:
+        self._recheck = None
+        self._folder_changed()
 
     async def do_IDLE(self, cmd: Command) -> bytes:
         if cmd.args:
@@ -629,6 +640,9 @@ class Session:
             if self._keepalive is not None and self._keepalive.active():
                 self._keepalive.cancel()
             self._keepalive = None
+            if self._recheck is not None:
+                self._recheck.cancel()
+                self._recheck = None
         if line is None:
             return b""
         if line.strip().upper() != b"DONE":

@@ -595,6 +595,17 @@ class Folder:
                 return _NO_CHANGES
         return self._sync()
 
+    def trust_left(self) -> float | None:
+        """Seconds until the window after our own changes ends (see the module notes): a
+        change another program made inside it may show only at a refresh after that.
+        None: not in such a window."""
+        if self._trust_until is None and not self._own_pending:
+            return None
+        if self._own_pending:
+            return _QUIET_SECONDS
+        left = (self._trust_until - time.time_ns()) / 1e9  # type: ignore[operator]
+        return left if left > 0 else None
+
     def _distrust(self) -> None:
         """The next refresh re-lists."""
         self._snapshot, self._trust_until, self._own_pending = None, None, False
