@@ -688,3 +688,78 @@ class MailboxTests(SynchronousTestCase):
             (d / "tmp" / "stale").write_bytes(b"")
             os.utime(d / "tmp" / "stale", (t, t))
         self.assertEqual(self.mb.clean_tmp(), 2)
+
+
+class TableCacheTests(SynchronousTestCase):
+    """A cold open takes the table an earlier one saved (mx.store.tablecache) and checks it
+    against the listing; whatever happened meanwhile, the table equals an open without it."""
+
+    def setUp(self) -> None:
+        from mx.store import folder as folder_module
+
+        self.shared = folder_module._shared
+        self.md = Path(self.mktemp())
+        (self.md / "new").mkdir(parents=True)
+        for _ in range(30):
+            deliver(self.md)
+        Folder.open(self.md, take_new=True)
+        age_dirs(self.md)
+        self.cache = Path(self.mktemp()) / "cache" / "INBOX.table"
+
+    def cold(self) -> Folder:
+        from mx.store import tablecache
+
+        self.shared._by_path.clear()
+        folder = Folder.open(self.md, table_cache=self.cache)
+        tablecache.wait()  # the save runs on its own thread
+        return folder
+
+    def plain(self) -> dict[int, object]:
+        self.shared._by_path.clear()
+        return Folder.open(self.md).table()
+
+    def test_second_cold_open_parses_no_name(self) -> None:
+        first = self.cold()
+        self.assertTrue(self.cache.exists())
+        self.patch(Folder, "_make_info", lambda *a: self.fail("a name parsed although the table was saved"))
+        second = self.cold()
+        self.assertEqual(second.table(), first.table())
+        self.assertEqual(list(second.table()), list(first.table()), "UID order")
+        self.assertEqual((second.uidvalidity, second.next_uid), (first.uidvalidity, first.next_uid))
+
+    def test_changes_since_the_save_are_seen(self) -> None:
+        self.cold()
+        f = Folder.open(self.md)
+        f.set_flags(3, frozenset("S"))
+        f.expunge([5])
+        os.rename(self.md / "cur" / f.get(7).name, self.md / "cur" / (f.get(7).base + ":2,T"))
+        age_dirs(self.md)
+        self.assertEqual(self.cold().table(), self.plain())
+        deliver(self.md)  # a new name: a new UID in the list, so a new list stamp
+        age_dirs(self.md)
+        got = self.cold()
+        self.assertEqual(got.table(), self.plain())
+        self.assertEqual(len(got.table()), 30)
+
+    def test_a_torn_or_foreign_file_is_ignored_and_rewritten(self) -> None:
+        self.cold()
+        for junk in (b"", b"\x00garbage", self.cache.read_bytes()[:100]):
+            self.cache.write_bytes(junk)
+            self.assertEqual(self.cold().table(), self.plain())
+            self.assertGreater(self.cache.stat().st_size, 1000, "rewritten")
+
+    def test_another_list_makes_it_unusable(self) -> None:
+        import marshal
+
+        self.cold()
+        head, stamp, validity, columns = marshal.loads(self.cache.read_bytes())
+        columns[0] = [u + 1 for u in columns[0]]  # UIDs the list does not give these names
+        self.cache.write_bytes(marshal.dumps((head, stamp, validity, columns)))
+        self.assertEqual(self.cold().table(), self.plain())
+        (self.md / "dovecot-uidlist").unlink()  # rebuilt: a new UIDVALIDITY
+        self.shared._by_path.clear()
+        rebuilt = Folder.open(self.md, table_cache=self.cache)
+        self.assertEqual(rebuilt.table(), self.plain())
+        from mx.store import tablecache
+
+        tablecache.wait()

@@ -372,7 +372,8 @@ class Session:
         except MaildirError:
             self._failed_log(user, "no valid mailbox path")
             raise no("No mailbox for this user", "UNAVAILABLE") from None
-        mailbox = Mailbox(root, log=lambda line: log.warn("{user}: {line}", user=user, line=line))
+        mailbox = Mailbox(root, log=lambda line: log.warn("{user}: {line}", user=user, line=line),
+                          cache_dir=self.config.data_dir / "cache" / domain / local)
         try:
             created = await self.store(mailbox.ensure_special_folders)
         except StoreError as e:

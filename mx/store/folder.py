@@ -51,11 +51,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from mx.durable import Staged
-from mx.store import uidlist, write
+from mx.store import tablecache, uidlist, write
 from mx.store.dotlock import DotLock
 from mx.store.errors import MessageGone, StoreError
 from mx.store.flags import EMPTY, Keywords, _flagset, check_flags, info_name, size_field, split_name
@@ -129,8 +130,10 @@ class _Listing:
 class Folder:
     """A Maildir folder: `Folder.open(path)`, then `messages()`, `refresh()`, ..."""
 
-    def __init__(self, path: Path, *, take_new: bool = False, log: Log | None = None) -> None:
+    def __init__(self, path: Path, *, take_new: bool = False, log: Log | None = None,
+                 table_cache: Path | None = None) -> None:
         self.path = path
+        self._table_cache = table_cache  # see mx.store.tablecache
         self._where = os.fspath(path)
         self.take_new = take_new
         self.uidvalidity = 0
@@ -164,12 +167,14 @@ class Folder:
     # -- opening and syncing ------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, take_new: bool = False, log: Log | None = None) -> Folder:
+    def open(cls, path: Path, *, take_new: bool = False, log: Log | None = None,
+             table_cache: Path | None = None) -> Folder:
         """Scan new/ and cur/ (creating missing cur/ tmp/), sync dovecot-uidlist, read no body.
 
         take_new=True: files in new/ are moved to cur/ (name + ":2,") as the session sees them.
+        table_cache: where this folder's table is kept between processes (mx.store.tablecache).
         """
-        folder = cls(Path(path), take_new=take_new, log=log)
+        folder = cls(Path(path), take_new=take_new, log=log, table_cache=table_cache)
         folder._ensure_dirs()
         folder._sync()
         return folder
@@ -245,7 +250,7 @@ class Folder:
         mapping = {n.partition(":")[0]: (sub, n) for n in names if n[0] != "."}
         # Two names with one base (a rename seen half-way, or a stray copy): the mapping
         # kept one of them; the next listing is made in full again.
-        if len(mapping) == len(names) - sum(1 for n in now if n[0] == "."):
+        if len(mapping) == len(names) or len(mapping) == len(names) - sum(1 for n in now if n[0] == "."):
             self._listed[sub] = (now, mapping)
         else:
             self._listed.pop(sub, None)
@@ -300,27 +305,59 @@ class Folder:
                 gc.enable()
 
     def _sync_now(self) -> Changes:
-        if not self._by_uid and not self.uidvalidity:
+        cold = not self._by_uid and not self.uidvalidity
+        if cold:
             reused = self._reuse_shared()
             if reused is not None:
                 return reused
         listing = self._list()
         ul, ul_stamp, why = self._read_list()
         changes = None
+        cached = False
+        if cold and self._table_cache is not None and ul is not None and ul_stamp is not None and not ul.dirty:
+            cached = self._load_cached(ul, ul_stamp)
         if ul is not None and ul is self._placed_from and self._placed is not None and not ul.dirty:
             # The table's own list: only renamed or removed names to look at (a new name
             # makes _patch give up, and the list may need new UIDs).
             changes = self._patch(ul, listing.files, self._placed)
+        worth_saving = changes is None or (cached and len(changes.flags) + len(changes.vanished) > 1000)
         if changes is None:
             if ul is None or ul.dirty or not ul.uids.keys() >= listing.files.keys():
                 ul, ul_stamp, listing = self._assign_locked()
             changes = self._rebuild(ul, listing)
+        if cold and worth_saving and self._table_cache is not None and listing.calm and ul_stamp is not None:
+            self._save_cached(ul_stamp)
         moved = self._take_new() if self.take_new and listing.in_new else 0
         self._distrust()
         if listing.calm and not moved:
             self._snapshot = (*listing.stamp, ul_stamp)
             _shared.publish(self.path, self._snapshot, self, listing.in_new)
         return changes
+
+    def _load_cached(self, ul: uidlist.UidList, ul_stamp: tuple[int, int, int]) -> bool:
+        """A cold open: take the table saved by an earlier one with this very list, if any
+        (then `_patch` checks it against the listing); False if there is none usable. Built
+        with C loops (map, zip, dict): no Python step per message."""
+        assert self._table_cache is not None
+        columns = tablecache.load(self._table_cache, ul_stamp, ul.uidvalidity)
+        if columns is None:
+            return False
+        uids, bases, names, subs, sizes, letters, vsizes = columns
+        if list(map(ul.uids.get, bases)) != uids:
+            return False  # not this list's: ignore the file
+        flagsets = {text: _flagset(text) for text in set(letters)}
+        infos = map(partial(tuple.__new__, MessageInfo),
+                    zip(uids, bases, names, subs, sizes, map(flagsets.__getitem__, letters), vsizes))
+        table = dict(zip(uids, infos))
+        self.uidvalidity, self.next_uid, self.guid = ul.uidvalidity, ul.next_uid, ul.guid
+        self._by_uid, self._borrowed = table, False
+        self._fields = {uid: f for b, f in ul.fields.items() if f and (uid := ul.uids.get(b)) in table}
+        self._placed, self._placed_from = dict(zip(bases, zip(subs, names))), ul
+        return True
+
+    def _save_cached(self, ul_stamp: tuple[int, int, int]) -> None:
+        assert self._table_cache is not None
+        tablecache.save_later(self._table_cache, ul_stamp, self.uidvalidity, list(self._by_uid.values()))
 
     def _reuse_shared(self) -> Changes | None:
         """A first open of a calm folder that another Folder of this process listed at the

@@ -82,19 +82,27 @@ def _is_inbox(name: str) -> bool:
 class Mailbox:
     """A user's folders; `root` is `<data_dir>/mail/<domain>/<local>/` (the INBOX)."""
 
-    def __init__(self, root: Path, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, root: Path, *, log: Callable[[str], None] | None = None,
+                 cache_dir: Path | None = None) -> None:
         self.root = Path(root)
         self._log = log
+        # `<data_dir>/cache/<domain>/<local>`: the folders' saved tables (mx.store.tablecache)
+        self.cache_dir = cache_dir
 
     def path_of(self, name: str) -> Path:
         return self.root if _is_inbox(name) else self.root / folder_dir_name(name)
 
+    def _table_cache(self, name: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / ("INBOX.table" if _is_inbox(name) else folder_dir_name(name) + ".table")
+
     def inbox(self, *, take_new: bool = False) -> Folder:
-        return Folder.open(self.root, take_new=take_new, log=self._log)
+        return Folder.open(self.root, take_new=take_new, log=self._log, table_cache=self._table_cache("INBOX"))
 
     def folder(self, name: str, *, take_new: bool = False) -> Folder:
         """Open an existing folder; `StoreError` if there is none of that name."""
-        return Folder.open(self.path_of(name), take_new=take_new, log=self._log)
+        return Folder.open(self.path_of(name), take_new=take_new, log=self._log, table_cache=self._table_cache(name))
 
     def exists(self, name: str) -> bool:
         return self.path_of(name).is_dir()
