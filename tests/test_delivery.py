@@ -81,3 +81,9 @@ class DeliveredNameTests(SynchronousTestCase):
         for parts in ([b"x\r\ny\n"], [b"x\r", b"\ny\n\r", b"\r\n"], [b"\n\n\r\n"]):
             joined = b"".join(parts)
             self.assertEqual(bare_lf_count(parts), joined.count(b"\n") - joined.count(b"\r\n"))
+
+    def test_no_w_above_the_count_limit(self) -> None:
+        from mx.maildir import W_COUNT_LIMIT
+
+        name = self.stage(b"Return-Path: <a@b>\r\n", b"Subject: x\r\n\r\n" + b"y" * W_COUNT_LIMIT + b"\r\n").name
+        self.assertRegex(name, r",S=\d+$")
