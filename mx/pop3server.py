@@ -715,8 +715,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
         def arrived(result: tuple[dict[int, tuple[BinaryIO | None, bytes]], list[tuple[int, str]]]) -> None:
             read, failed = result
-            for uid, why in failed:
-                log.info("pop3 could not mark message {uid} of {user} seen: {why}", uid=uid, user=self.user, why=why)
+            self._log_not_seen(failed)
             self._read.update(read)
 
         def done(result: Any) -> Any:
@@ -749,8 +748,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             except Exception:
                 log.failure("pop3 could not mark messages of {user} seen", Failure(), user=self.user)
                 return
-            for uid, why in failed:
-                log.info("pop3 could not mark message {uid} of {user} seen: {why}", uid=uid, user=self.user, why=why)
+            self._log_not_seen(failed)
+
+    def _log_not_seen(self, failed: list[tuple[int, str]]) -> None:
+        for uid, why in failed:
+            log.info("pop3 could not mark message {uid} of {user} seen: {why}", uid=uid, user=self.user, why=why)
 
     async def _stream_rest(self, fh: BinaryIO, start: bytes, retrieval: Retrieval, entry: Entry) -> bool:
         """A message larger than FIRST_READ: the rest in READ_CHUNK reads, one per pool trip,

@@ -42,6 +42,26 @@ def age_dirs(maildir: Path, seconds: float = 10) -> None:
         os.utime(maildir / sub, (t, t))
 
 
+def calm_folder(case: SynchronousTestCase, count: int) -> Path:
+    """A Maildir of `count` delivered messages, moved to cur/ with UIDs, its directories aged
+    (so a listing of it is calm and trusted)."""
+    md = Path(case.mktemp())
+    (md / "new").mkdir(parents=True)
+    for _ in range(count):
+        deliver(md)
+    Folder.open(md, take_new=True)
+    age_dirs(md)
+    return md
+
+
+def record_listdir(case: SynchronousTestCase) -> list[str]:
+    """The directories `os.listdir` lists from now on in this test."""
+    listed: list[str] = []
+    real_listdir = os.listdir
+    case.patch(os, "listdir", lambda p: listed.append(str(p)) or real_listdir(p))
+    return listed
+
+
 class FolderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.md = Path(self.mktemp())
@@ -457,16 +477,9 @@ class OwnChangeTrustTests(SynchronousTestCase):
     seconds (Dovecot's dirty_cur_time) instead of listing 10,000 names per command."""
 
     def setUp(self) -> None:
-        self.md = Path(self.mktemp())
-        (self.md / "new").mkdir(parents=True)
-        for _ in range(10):
-            deliver(self.md)
-        Folder.open(self.md, take_new=True)
-        age_dirs(self.md)
+        self.md = calm_folder(self, 10)
         self.f = Folder.open(self.md)
-        self.listed: list[str] = []
-        real_listdir = os.listdir
-        self.patch(os, "listdir", lambda p: self.listed.append(str(p)) or real_listdir(p))
+        self.listed = record_listdir(self)
 
     def later(self, seconds: float) -> None:
         real = time.time_ns
@@ -519,16 +532,10 @@ class SharedTableTests(SynchronousTestCase):
     def test_borrowed_tables_are_copied_before_a_change(self) -> None:
         from mx.store import folder as folder_module
 
-        md = Path(self.mktemp())
-        (md / "new").mkdir(parents=True)
-        for _ in range(5):
-            deliver(md)
-        Folder.open(md, take_new=True)
-        age_dirs(md)
+        md = calm_folder(self, 5)
         first = Folder.open(md)
-        listed: list[str] = []
         real_listdir = os.listdir
-        self.patch(os, "listdir", lambda p: listed.append(str(p)) or real_listdir(p))
+        listed = record_listdir(self)
         second, third = Folder.open(md), Folder.open(md)
         self.assertEqual(listed, [], "calm and listed already: borrowed")
         snapshot = dict(folder_module._shared.get(md, second._stamp_now())[0])
@@ -698,12 +705,7 @@ class TableCacheTests(SynchronousTestCase):
         from mx.store import folder as folder_module
 
         self.shared = folder_module._shared
-        self.md = Path(self.mktemp())
-        (self.md / "new").mkdir(parents=True)
-        for _ in range(30):
-            deliver(self.md)
-        Folder.open(self.md, take_new=True)
-        age_dirs(self.md)
+        self.md = calm_folder(self, 30)
         self.cache = Path(self.mktemp()) / "cache" / "INBOX.table"
 
     def cold(self) -> Folder:

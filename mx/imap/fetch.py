@@ -290,8 +290,11 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _NOT_NUL_CR_LF = bytes(c for c in range(256) if c not in (0x00, 0x0D, 0x0A))
 
 
-def _wire(octets: bytes) -> bytes:
-    """`octets` as sent: bare LF as CRLF, NUL as 0x80 (Dovecot; NUL is no CHAR8, §9)."""
+def _wire(octets: bytes, crlf_clean: bool = False) -> bytes:
+    """`octets` as sent: bare LF as CRLF, NUL as 0x80 (Dovecot; NUL is no CHAR8, §9).
+    `crlf_clean`: the caller knows there is no bare LF (the name's ",W=" equals its size)."""
+    if crlf_clean:
+        return octets.replace(b"\x00", b"\x80") if b"\x00" in octets else octets
     # One C pass keeps only NUL, CR and LF (a few hundred octets for a whole message);
     # the checks run on that. Two counts over the message cost twice as much, and this
     # is most of a BODY[] FETCH's time.
@@ -371,9 +374,7 @@ def section_bytes(data: bytes, root: mime.Part, section: Section, crlf_clean: bo
     section names no part (or HEADER / TEXT of a part that is no message): render sends {0}.
     `root` may be None for the whole message (BODY[]), which needs no structure."""
     if root is None or (not section.part and section.text is None):
-        if crlf_clean:  # the name says CRLF size == size (",W="): no bare LF to look for
-            return data.replace(b"\x00", b"\x80") if b"\x00" in data else data
-        return _wire(data)
+        return _wire(data, crlf_clean)
     part = _find(root, section.part) if section.part else root
     if part is None:
         return None

@@ -415,9 +415,7 @@ class Session:
         name = self._name(cmd.args[0])
         self._deselect()
         assert self.mailbox is not None
-        mail_root = self.config.data_dir / "mail"
-        folder, recent, keywords, cache_path = await self.store(tasks.select_folder, self.mailbox, name, read_only,
-                                                                self.config.data_dir, mail_root)
+        folder, recent, keywords = await self.store(tasks.select_folder, self.mailbox, name, read_only)
         view = View.open(folder.table(), recent, keywords, folder.uidvalidity, folder.next_uid, read_only)
         out = [view.flags_response(), untagged(len(view), "EXISTS"), untagged(len(view.recent), "RECENT")]
         unseen = view.first_unseen()
@@ -427,7 +425,8 @@ class Session:
         out.append(untagged_status("OK", "Predicted next UID", ["UIDNEXT", view.next_uid]))
         self.link.write(b"".join(out))
         self.folder, self.view, self.folder_name, self.state = folder, view, name, State.SELECTED
-        self.cache = StructureCache(cache_path, folder.uidvalidity)
+        cache_path = self.mailbox.cache_path(name, "imapcache")
+        self.cache = StructureCache(cache_path, folder.uidvalidity) if cache_path is not None else None
         self._synced = (folder, None)  # just listed: nothing to report after SELECT
         return tagged(cmd.tag, "OK", f"{'EXAMINE' if read_only else 'SELECT'} completed",
                       "READ-ONLY" if read_only else "READ-WRITE")

@@ -17,15 +17,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
 from typing import Any
 
 from mx import mime
 from mx.imap import fetch, search
 from mx.imap.selected import View, imap_flags, letters_for
 from mx.store import Folder, Mailbox, MessageGone
+from mx.store.cache import StructureCache
 from mx.store.flags import check_flags
-from mx.store.cache import StructureCache, cache_file
 
 __all__ = ["Failed", "bad", "no"]
 
@@ -78,13 +77,11 @@ def open_folder(mailbox: Mailbox, name: str, read_only: bool) -> tuple[Folder, s
     return folder, recent, folder.keywords.mapping()
 
 
-def select_folder(mailbox: Mailbox, name: str, read_only: bool, data_dir: Path,
-                  mail_root: Path) -> tuple[Folder, set[int], dict[str, str], Path]:
-    """SELECT / EXAMINE in one trip: `open_folder`, and where its structure cache lives."""
+def select_folder(mailbox: Mailbox, name: str, read_only: bool) -> tuple[Folder, set[int], dict[str, str]]:
+    """SELECT / EXAMINE in one trip: `open_folder`, NONEXISTENT if there is no such folder."""
     if not mailbox.exists(name):
         raise no("Mailbox does not exist", "NONEXISTENT")
-    folder, recent, keywords = open_folder(mailbox, name, read_only)
-    return folder, recent, keywords, cache_file(data_dir, mail_root, folder.path)
+    return open_folder(mailbox, name, read_only)
 
 
 def refresh(folder: Folder) -> tuple[Any, set[int], dict[str, str]]:

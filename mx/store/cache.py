@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["StructureCache", "cache_file", "ITEMS"]
+__all__ = ["StructureCache", "ITEMS"]
 
 ITEMS = ("ENVELOPE", "BODY", "BODYSTRUCTURE")
 _KIND = {name: i for i, name in enumerate(ITEMS, 1)}
@@ -30,15 +30,6 @@ _NAME = {i: name for name, i in _KIND.items()}
 _MAGIC = b"MXSC1 "
 _RECORD = struct.Struct("<IBI")  # uid, kind, length; then the value
 _MAX_VALUE = 16 * 1024 * 1024
-
-
-def cache_file(data_dir: Path, mail_root: Path, folder: Path) -> Path:
-    """Where the cache of the Maildir folder `folder` (inside `mail_root`) lives."""
-    rel = Path(folder).resolve().relative_to(Path(mail_root).resolve())
-    parts = rel.parts
-    if len(parts) == 2:  # <domain>/<local>: the INBOX
-        return Path(data_dir) / "cache" / parts[0] / parts[1] / "INBOX.imapcache"
-    return Path(data_dir) / "cache" / parts[0] / parts[1] / (parts[2] + ".imapcache")
 
 
 class StructureCache:

@@ -647,10 +647,12 @@ class Folder:
         """The next refresh re-lists."""
         self._snapshot, self._trust_until, self._own_pending = None, None, False
 
-    def _own_change(self) -> None:
-        """After our own rename or removal in cur/: if the table was trusted up to it, the
-        next refresh trusts the stamp it finds for `_QUIET_SECONDS` (see the module notes)."""
-        if self._snapshot is not None and (self._trust_until is None or time.time_ns() < self._trust_until):
+    def _own_change(self, subdir: str) -> None:
+        """After our own rename or removal of a file that was in `subdir`: in cur/, if the
+        table was trusted up to it, the next refresh trusts the stamp it finds for
+        `_QUIET_SECONDS` (see the module notes); in new/ (new/ changed too), it re-lists."""
+        if subdir == _CUR and self._snapshot is not None and (
+                self._trust_until is None or time.time_ns() < self._trust_until):
             self._own_pending = True
         else:
             self._distrust()
@@ -727,10 +729,7 @@ class Folder:
                 continue
             except OSError as e:
                 raise StoreError(f"cannot rename {info.name}: {e.strerror}") from None
-            if info.subdir == _CUR:
-                self._own_change()
-            else:
-                self._distrust()  # new/ changed too: re-list
+            self._own_change(info.subdir)
             updated = self._info_from(info, _CUR, name)
             self._place(updated)
             return updated
@@ -764,10 +763,7 @@ class Folder:
                 except MessageGone:
                     pass
                 continue
-            if info.subdir == _CUR:
-                self._own_change()
-            else:
-                self._distrust()  # new/ changed too: re-list
+            self._own_change(info.subdir)
             new = MessageInfo(uid, info.base, name, _CUR, info.size, flags, info.vsize)
             self._place(new)
             updated.append(new)
@@ -792,10 +788,7 @@ class Folder:
                 except OSError as e:
                     raise StoreError(f"cannot remove {info.name}: {e.strerror}") from None
                 removed.append(uid)
-                if info.subdir == _CUR:
-                    self._own_change()
-                else:
-                    self._distrust()  # new/ changed too: re-list
+                self._own_change(info.subdir)
                 break
             self._forget(info)
         return removed

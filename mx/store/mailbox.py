@@ -92,17 +92,21 @@ class Mailbox:
     def path_of(self, name: str) -> Path:
         return self.root if _is_inbox(name) else self.root / folder_dir_name(name)
 
-    def _table_cache(self, name: str) -> Path | None:
+    def cache_path(self, name: str, kind: str) -> Path | None:
+        """Where a cache of folder `name` lives: `<cache_dir>/INBOX.<kind>` or
+        `<cache_dir>/.<Folder>.<kind>` (its Maildir++ directory name); None without a cache_dir.
+        Kinds: "table" (mx.store.tablecache), "imapcache" (mx.store.cache)."""
         if self.cache_dir is None:
             return None
-        return self.cache_dir / ("INBOX.table" if _is_inbox(name) else folder_dir_name(name) + ".table")
+        return self.cache_dir / f"{'INBOX' if _is_inbox(name) else folder_dir_name(name)}.{kind}"
 
     def inbox(self, *, take_new: bool = False) -> Folder:
-        return Folder.open(self.root, take_new=take_new, log=self._log, table_cache=self._table_cache("INBOX"))
+        return self.folder("INBOX", take_new=take_new)
 
     def folder(self, name: str, *, take_new: bool = False) -> Folder:
         """Open an existing folder; `StoreError` if there is none of that name."""
-        return Folder.open(self.path_of(name), take_new=take_new, log=self._log, table_cache=self._table_cache(name))
+        return Folder.open(self.path_of(name), take_new=take_new, log=self._log,
+                           table_cache=self.cache_path(name, "table"))
 
     def exists(self, name: str) -> bool:
         return self.path_of(name).is_dir()
