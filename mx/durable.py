@@ -33,13 +33,14 @@ FSYNC_THREADS = 8  # concurrent fsyncs; more gained nothing measurable on a virt
 class Staged:
     """A file written under `tmp`, to be fsynced (`fd` open until then) and renamed to `final`."""
 
-    tmp: Path
-    final: Path
+    tmp: Path | str
+    final: Path | str
     fd: int | None = None
     size: int = 0
     replaces: bool = False  # `final` exists already and must survive a failed commit
     exclusive: bool = False  # `final` must not exist: published with link(), never rename()
     published: bool = False  # `final` is ours now (a failed commit removes it again)
+    folder: Path | None = None  # `final`'s folder, when the caller has it at hand (else derived)
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -78,17 +79,29 @@ def fsync_many(targets: Sequence[int | Path | str]) -> list[OSError | None]:
     """fsync every target (an open fd, or a folder by path) concurrently; one result per
     target, None or its error. Returns only after every fsync returned, so the caller may
     close or remove any of them afterwards. Called from disk threads, never the reactor."""
-    futures: list[Future[OSError | None]] = []
-    if len(targets) > 1:
-        try:
-            for t in targets:
-                futures.append(_fsync_pool().submit(_fsync_one, t))
-        except RuntimeError:  # interpreter shutting down: no new threads; the rest in a row
-            pass
-    return [f.result() for f in futures] + [_fsync_one(t) for t in targets[len(futures):]]
+    if len(targets) <= 1:
+        return [_fsync_one(t) for t in targets]
+    # One task per fsync thread, each taking every FSYNC_THREADS-th target: as many fsyncs in
+    # flight as one task per target gave, without a Future (and the GIL it holds) per file.
+    lanes = min(FSYNC_THREADS, len(targets))
+    futures: list[Future[list[OSError | None]]] = []
+    try:
+        for lane in range(lanes):
+            futures.append(_fsync_pool().submit(_fsync_lane, targets[lane::lanes]))
+    except RuntimeError:  # interpreter shutting down: no new threads; the rest in a row
+        pass
+    results: list[OSError | None] = [None] * len(targets)
+    for lane in range(lanes):
+        done = futures[lane].result() if lane < len(futures) else _fsync_lane(targets[lane::lanes])
+        results[lane::lanes] = done
+    return results
 
 
-def unlink_quietly(path: Path) -> None:
+def _fsync_lane(targets: Sequence[int | Path | str]) -> list[OSError | None]:
+    return [_fsync_one(t) for t in targets]
+
+
+def unlink_quietly(path: Path | str) -> None:
     try:
         os.unlink(path)
     except OSError:
@@ -104,10 +117,12 @@ def _write_all(fd: int, data: bytes | memoryview) -> int:
     return total
 
 
-def stage(tmp: Path, final: Path, parts: Iterable[bytes | Path], mode: int = 0o600) -> Staged:
+def stage(tmp: Path | str, final: Path | str, parts: Iterable[bytes | Path], mode: int = 0o600,
+          folder: Path | None = None) -> Staged:
     """Create `tmp` (must not exist) from byte strings and files, not yet fsynced.
 
     A `Path` part is copied in 1 MiB blocks, so large messages never sit whole in memory.
+    `folder` is `final`'s folder, if the caller has it (publish then needs no path work).
     """
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     size = 0
@@ -123,7 +138,7 @@ def stage(tmp: Path, final: Path, parts: Iterable[bytes | Path], mode: int = 0o6
         os.close(fd)
         unlink_quietly(tmp)
         raise
-    return Staged(tmp, final, fd, size)
+    return Staged(tmp, final, fd, size, folder=folder)
 
 
 def sync(staged: Sequence[Staged]) -> None:
@@ -182,7 +197,7 @@ def publish(staged: Sequence[Staged]) -> set[Path]:
     except BaseException:
         discard(staged)
         raise
-    return {s.final.parent for s in staged}
+    return {s.folder or Path(s.final).parent for s in staged}
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, keep_owner: bool = False) -> None:

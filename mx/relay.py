@@ -65,7 +65,7 @@ from mx.smtpclient import (
     Timeouts,
     smarthost_auth,
 )
-from mx.spool import BOUNCED, DELIVERED, FAILED, PENDING, Kind, QueueEntry, RecipientState, Spool
+from mx.spool import BOUNCED, FAILED, PENDING, Kind, QueueEntry, RecipientState, Spool
 
 __all__ = ["Relay"]
 
@@ -391,9 +391,8 @@ class Relay(service.Service):
         # Intent first: every due recipient gets its next try recorded before we connect.
         now = self.now()
         addresses = frozenset(a for group in by_domain.values() for a in group)
-        self._update(entry.id, lambda r: r._replace(
-            attempts=r.attempts + 1, next_attempt=now + self._interval(r.attempts + 1)
-        ) if r.address in addresses else r)
+        self._update(entry.id, lambda r: r.tried(now + self._interval(r.attempts + 1))
+                     if r.address in addresses else r)
         self._attempts[entry.id] = _Attempt(len(by_domain), addresses)
         d = self._save(entry.id)
         d.addCallback(lambda _: self._dispatch(entry.id, by_domain))
@@ -649,10 +648,9 @@ class Relay(service.Service):
             if o is None or r.status != PENDING:
                 return r
             peer = o.peer or None
-            if o.code < 400:  # the common case: one _replace
+            if o.code < 400:  # the common case
                 delivered.append(r.address)
-                return r._replace(status=DELIVERED, last_code=o.code, last_enhanced=o.enhanced, last_error=None,
-                                  remote_mta=peer)
+                return r.delivered(o.code, o.enhanced, peer)
             r = r._replace(last_code=o.code, last_enhanced=o.enhanced, last_error=o.text, remote_mta=peer)
             if o.code >= 500:
                 r = r._replace(status=FAILED)

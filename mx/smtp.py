@@ -432,6 +432,13 @@ class ServerReply:
         return " ".join(str(p) for p in (self.code, self.enhanced, self.text) if p)
 
 
+# One-line replies already parsed, by their bytes (without CRLF): `ServerReply` is immutable
+# and a line's reply depends on nothing else, so a pipelined fan-out's fifty "250 2.1.5 Ok"
+# are parsed once. Bounded: emptied when it holds `_KNOWN_MAX` lines.
+_KNOWN_REPLIES: dict[bytes, ServerReply] = {}
+_KNOWN_MAX = 1024
+
+
 class MalformedReply(Exception):
     """The server's bytes are not an SMTP reply (RFC 5321 §4.2)."""
 
@@ -455,18 +462,36 @@ class ReplyParser:
         return bool(self._buf) or bool(self._lines)
 
     def feed(self, data: bytes) -> list[ServerReply]:
-        self._buf += data
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
+        *lines, rest = data.split(b"\n")
         out = []
-        while (lf := self._buf.find(b"\n")) >= 0:
-            if lf + 1 > MAX_REPLY_LINE:
+        known = _KNOWN_REPLIES
+        for raw in lines:
+            if len(raw) >= MAX_REPLY_LINE:
                 raise MalformedReply("reply line too long")
-            raw = bytes(self._buf[:lf])
-            del self._buf[: lf + 1]
-            reply = self._line(raw[:-1] if raw.endswith(b"\r") else raw)
-            if reply is not None:
-                out.append(reply)
-        if len(self._buf) >= MAX_REPLY_LINE:
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if self._lines:  # inside a multi-line reply
+                reply = self._line(raw)
+                if reply is not None:
+                    out.append(reply)
+                continue
+            # A one-line reply seen before (the 250s of a pipelined fan-out): one lookup.
+            reply = known.get(raw)
+            if reply is None:
+                reply = self._line(raw)
+                if reply is None:
+                    continue  # the first line of a multi-line reply
+                if len(known) >= _KNOWN_MAX:
+                    known.clear()  # the lines that recur come back at once
+                known[raw] = reply
+            out.append(reply)
+        if len(rest) >= MAX_REPLY_LINE:
             raise MalformedReply("reply line too long")
+        self._buf += rest
         return out
 
     def _line(self, raw: bytes) -> ServerReply | None:

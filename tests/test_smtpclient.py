@@ -253,6 +253,23 @@ class PureTests(TestCase):
         self.assertEqual((r.enhanced, r.text), (None, "5.0.0 class mismatch is text"))
         self.assertFalse(p.pending)
 
+    def test_every_split_gives_the_same_replies(self) -> None:
+        # One-line replies are remembered by their bytes; a line that ends or continues a
+        # multi-line reply must still be parsed as part of it, however the bytes arrive.
+        stream = (b"250 2.1.0 Ok\r\n250-first\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\n"
+                  b"550-5.1.1 no\r\n550 5.1.1 such user\r\n550 5.1.1 such user\r\n354 go\r\n")
+        want = [ServerReply(250, "2.1.0", "Ok"), ServerReply(250, None, "first\nOk"),
+                ServerReply(250, "2.1.5", "Ok"), ServerReply(250, "2.1.5", "Ok"),
+                ServerReply(550, "5.1.1", "no\nsuch user"), ServerReply(550, "5.1.1", "such user"),
+                ServerReply(354, None, "go")]
+        for i in range(len(stream) + 1):
+            p = ReplyParser()
+            self.assertEqual(p.feed(stream[:i]) + p.feed(stream[i:]), want, i)
+            self.assertFalse(p.pending)
+        p = ReplyParser()
+        with self.assertRaises(MalformedReply):  # a remembered line does not hide a code change
+            p.feed(b"251-a\r\n250 2.1.0 Ok\r\n")
+
     def test_malformed_replies(self) -> None:
         for bad in (b"hello\r\n", b"25 x\r\n", b"250x\r\n", b"250-a\r\n251 b\r\n", b"650 x\r\n",
                     b"250 " + b"x" * 5000, b"250-" + b"x" * 1000 + b"\r\n"):
