@@ -1,4 +1,4 @@
-"""TCP listeners whose connections send a reply at once instead of waiting for the next reactor turn.
+"""TCP connections that send at once instead of waiting for the next reactor turn.
 
 Twisted's `FileDescriptor.write` only buffers: it registers the socket for writability with
 epoll, and the next reactor turn sends the bytes and unregisters it again. A mail server's
@@ -10,7 +10,9 @@ nothing is buffered and buffers only what the kernel did not take, so ordering, 
 leaves the bytes to `doWrite`, which reports the lost connection) stay Twisted's.
 
 `direct_write(endpoint)` swaps a plain `tcp:` server endpoint for one that listens with these
-connections; any other endpoint is returned unchanged.
+connections; any other endpoint is returned unchanged. `direct_connect(reactor)` is the
+client side: the relay's connections to remote MXs send their commands and bodies the same
+way (in a queue drain, two writes per transaction).
 
 Invariants:
 - Bytes leave in the order they were written: the direct send happens only when nothing is
@@ -28,13 +30,14 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-__all__ = ["DirectWriteServer", "DirectWritePort", "DirectWriteEndpoint", "direct_write"]
+__all__ = ["DirectWriteServer", "DirectWriteClient", "DirectWritePort", "DirectWriteEndpoint", "DirectConnectReactor",
+           "direct_write", "direct_connect"]
 
 DIRECT_LIMIT = 1 << 17  # bigger writes go through the buffer (a direct send would copy the rest)
 
 
-class DirectWriteServer(tcp.Server):
-    """A server connection that sends at once when its buffers are empty."""
+class _DirectWrite(tcp.Connection):
+    """The write that sends at once when the transport's buffers are empty."""
 
     def write(self, data: bytes) -> None:
         if (self.TLS or not self.connected or self.disconnecting or self._writeDisconnected
@@ -48,6 +51,45 @@ class DirectWriteServer(tcp.Server):
             sent = 0  # EAGAIN, or an error doWrite will meet again and report
         if sent < len(data):
             super().write(data[sent:])
+
+
+class DirectWriteServer(_DirectWrite, tcp.Server):
+    """A server connection that sends at once when its buffers are empty."""
+
+
+class DirectWriteClient(_DirectWrite, tcp.Client):
+    """A client connection (the relay's, to a remote MX) that sends at once likewise."""
+
+
+class DirectWriteConnector(tcp.Connector):
+    def _makeTransport(self) -> DirectWriteClient:
+        return DirectWriteClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+class DirectConnectReactor:
+    """A reactor whose `connectTCP` makes `DirectWriteClient` connections (what the posix
+    reactors' connectTCP does, with our Connector); everything else is the reactor's own.
+    Given to Twisted's TCP client endpoints, which only call `connectTCP` for an address."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30.0,
+                   bindAddress: Any = None) -> DirectWriteConnector:
+        c = DirectWriteConnector(host, port, factory, timeout, bindAddress, self._reactor)
+        c.connect()
+        return c
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def direct_connect(reactor: Any) -> Any:
+    """`reactor` for client endpoints, connecting with direct-write connections when it has
+    file descriptors (epoll, poll, select, asyncio); any other reactor unchanged."""
+    if not hasattr(reactor, "addWriter") or not hasattr(reactor, "connectTCP"):
+        return reactor
+    return DirectConnectReactor(reactor)
 
 
 class DirectWritePort(tcp.Port):

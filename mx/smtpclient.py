@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mx.config import ConfigError, RelayConfig, RelayTLS
+from mx.fasttcp import direct_connect
 from mx.smtp import MAX_REPLY, MAX_REPLY_LINE, BodyEncoder, MalformedReply, ReplyParser, ServerReply
 from mx.tls import opportunistic_client, verified_client
 
@@ -262,6 +263,10 @@ class _Wire(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        if hasattr(self.transport, "setTcpNoDelay"):
+            # Commands and bodies are written at once (mx.fasttcp): a second small write
+            # before the first is acknowledged must not wait for the peer's delayed ACK.
+            self.transport.setTcpNoDelay(True)
         if self._implicit_tls is not None:
             self.transport.startTLS(self._implicit_tls)  # RFC 8314 §3: before any SMTP byte
 
@@ -414,7 +419,7 @@ class SMTPClientConnection:
         if auth is not None and (not all(auth) or any("\0" in part for part in auth)):
             raise ValueError("auth needs a user and a password, without NUL")
         endpoint_type = TCP6ClientEndpoint if ipaddress.ip_address(host).version == 6 else TCP4ClientEndpoint
-        endpoint = endpoint_type(reactor, host, port, timeout=timeouts.connect,
+        endpoint = endpoint_type(direct_connect(reactor), host, port, timeout=timeouts.connect,
                                  bindAddress=(bind_address, 0) if bind_address else None)
         wire = _Wire(reactor, _tls_creator(mode, tls_hostname, trust_root) if implicit_tls else None)
         try:
@@ -651,6 +656,9 @@ class SMTPClientConnection:
         encoder = BodyEncoder()
         wire.transport.registerProducer(wire, True)
         try:
+            # Each block is written once the next one is read, so the last goes out with the
+            # final dot in one write (one send per message of one block).
+            held = b""
             while True:
                 # A source's own exception propagates unchanged (send() aborts the connection:
                 # the message must not end with a final dot).
@@ -661,10 +669,14 @@ class SMTPClientConnection:
                     raise wire.error(Stage.DATA)
                 out = encoder.feed(chunk)
                 if out:
-                    wire.transport.write(out)
-                    await wire.drain(self._t.data_block)
+                    if held:
+                        wire.transport.write(held)
+                        await wire.drain(self._t.data_block)
+                    held = out
+            if wire.failure is not None:
+                raise wire.error(Stage.DATA)
             wire.owed += 1  # the reply to the final dot
-            wire.transport.write(encoder.finish())
+            wire.transport.write(held + encoder.finish())
         finally:
             if wire.connected:
                 wire.transport.unregisterProducer()

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import defer, endpoints, reactor, threads
+from twisted.internet import defer, endpoints, reactor, task, threads
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
-from mx.fasttcp import DIRECT_LIMIT, DirectWriteEndpoint, DirectWriteServer, direct_write
+from mx.fasttcp import (
+    DIRECT_LIMIT,
+    DirectConnectReactor,
+    DirectWriteClient,
+    DirectWriteEndpoint,
+    DirectWriteServer,
+    direct_connect,
+    direct_write,
+)
 
 BIG = bytes(range(256)) * ((3 * DIRECT_LIMIT) // 256)
 
@@ -43,6 +51,34 @@ class DirectWriteTests(unittest.TestCase):
         expected = b"220 hello\r\n" + BIG + b"".join(b"%d\r\n" % n for n in range(100))
         self.assertEqual(got, expected)
         self.assertIsInstance(factory.transports[0], DirectWriteServer)
+
+    async def test_client_bytes_arrive_in_order(self) -> None:
+        # The relay's side: a client endpoint given `direct_connect(reactor)`.
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.settimeout(10)
+
+            def accept_and_read() -> bytes:
+                conn, _ = server.accept()
+                with conn:
+                    chunks = []
+                    while data := conn.recv(65536):
+                        chunks.append(data)
+                    return b"".join(chunks)
+
+            got = threads.deferToThread(accept_and_read)
+            factory = Factory.forProtocol(Talker)
+            factory.transports = []
+            endpoint = endpoints.TCP4ClientEndpoint(direct_connect(reactor), "127.0.0.1", server.getsockname()[1])
+            await endpoint.connect(factory)
+            expected = b"220 hello\r\n" + BIG + b"".join(b"%d\r\n" % n for n in range(100))
+            self.assertEqual(await got, expected)
+        self.assertIsInstance(factory.transports[0], DirectWriteClient)
+
+    def test_direct_connect_only_on_reactors_with_file_descriptors(self) -> None:
+        self.assertIsInstance(direct_connect(reactor), DirectConnectReactor)
+        self.assertEqual(direct_connect(reactor).callLater, reactor.callLater)  # the rest is the reactor's
+        clock = task.Clock()
+        self.assertIs(direct_connect(clock), clock)
 
     def test_only_plain_tcp_endpoints_are_swapped(self) -> None:
         tcp = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")

@@ -24,6 +24,7 @@ from twisted.internet.ssl import Certificate
 from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SkipTest, TestCase
 
+from mx.fasttcp import DirectWriteClient
 from mx.smtp import BodyEncoder, MalformedReply, dot_stuff
 from mx.smtpclient import (
     CHUNK_SIZE,
@@ -307,6 +308,11 @@ class TransactionTests(TestCase):
         [m] = h.messages
         self.assertEqual((m.sender, m.rcpts, m.content), (SENDER, [A, B], MESSAGE))
         self.assertEqual(m.mail_options, [f"SIZE={len(MESSAGE)}", "BODY=8BITMIME"])
+        # Writes go out at once (mx.fasttcp): without TCP_NODELAY the body's write would wait
+        # for the ACK of the commands' (a delayed ACK: ~40 ms per message).
+        handle = conn._wire.transport.getHandle()
+        self.assertIsInstance(conn._wire.transport, DirectWriteClient)
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     async def test_null_sender_and_missing_final_crlf(self) -> None:
         h = Handler()
