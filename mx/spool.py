@@ -54,6 +54,7 @@ class Kind(StrEnum):
 
 PENDING, DELIVERED, FAILED, BOUNCED = Status.PENDING, Status.DELIVERED, Status.FAILED, Status.BOUNCED
 _ID = re.compile(r"[0-9A-Za-z]{1,64}\Z")
+RECORD, BODY = ".json", ".eml"  # a queue id's two files (the hot paths join strings, the rest Paths)
 QUARANTINE = "quarantine"  # records that could not be used, set aside at start-up
 FORMAT = 1
 
@@ -161,10 +162,10 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def body_path(self, queue_id: str) -> Path:
-        return self.root / f"{check_id(queue_id)}.eml"
+        return self.root / f"{check_id(queue_id)}{BODY}"
 
     def record_path(self, queue_id: str) -> Path:
-        return self.root / f"{check_id(queue_id)}.json"
+        return self.root / f"{check_id(queue_id)}{RECORD}"
 
     def stage_new(self, entry: QueueEntry, parts: Iterable[bytes | Path]) -> list[Staged]:
         """Write the body and the record under temporary names (the caller syncs and
@@ -184,7 +185,7 @@ class Spool:
 
     def stage_update(self, entry: QueueEntry) -> Staged:
         """A new state record under a temporary name; publishing replaces the old one."""
-        name = f"{check_id(entry.id)}.json"
+        name = f"{check_id(entry.id)}{RECORD}"
         staged = stage(f"{self._prefix}.{name}.{secrets.token_hex(4)}.tmp", self._prefix + name, [entry.to_json()],
                        folder=self.root)
         staged.replaces = True
@@ -193,8 +194,8 @@ class Spool:
     def unlink_entry(self, queue_id: str) -> None:
         """Remove a finished entry's files (record first); the caller fsyncs the folder."""
         base = self._prefix + check_id(queue_id)
-        unlink_quietly(base + ".json")
-        unlink_quietly(base + ".eml")
+        unlink_quietly(base + RECORD)
+        unlink_quietly(base + BODY)
 
     def save(self, entry: QueueEntry) -> None:
         """Persist a state change atomically and durably."""
@@ -221,12 +222,12 @@ class Spool:
         entries: list[QueueEntry] = []
         quarantined: list[tuple[str, str]] = []
         names = os.listdir(self.root)
-        records = {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
+        records = {n[:-len(RECORD)] for n in names if n.endswith(RECORD) and not n.startswith(".")}
         for name in names:
             path = self.root / name
             if name.endswith(".tmp"):
                 unlink_quietly(path)  # a write that never completed
-            elif name.endswith(".eml") and name[:-4] not in records:
+            elif name.endswith(BODY) and name[:-len(BODY)] not in records:
                 unlink_quietly(path)  # a body whose record was never published (or removed)
         for queue_id in sorted(records):
             try:
@@ -251,7 +252,7 @@ class Spool:
         with where it went. The operator can inspect, repair and move it back."""
         folder = self.root / QUARANTINE
         folder.mkdir(exist_ok=True)
-        for path in (self.root / f"{queue_id}.json", self.root / f"{queue_id}.eml"):
+        for path in (self.root / f"{queue_id}{RECORD}", self.root / f"{queue_id}{BODY}"):
             try:
                 os.rename(path, folder / path.name)
             except FileNotFoundError:
