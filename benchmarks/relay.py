@@ -46,10 +46,14 @@ How to run:
     python3 benchmarks/relay.py --quick          # spread 500 + fanout 100
     python3 benchmarks/relay.py --servers mx     # mx only, no Postfix
     python3 benchmarks/relay.py --scenario fanout --sink raw,aiosmtpd --json out.json
-Exit status 1 if a run failed, timed out (--timeout: total budget, 600 s), or the sink's
+    python3 benchmarks/relay.py --rounds 3       # mx, Postfix, mx, Postfix, ... per scenario
+With --rounds N each scenario runs N times, mx and Postfix alternating, so that both see the
+same stretch of the VM's (often minutes-long) slow and fast phases; the ratio lines give each
+round's mx/postfix and the median of the rounds.
+Exit status 1 if a run failed, timed out (--timeout: total budget, 600 s per round), or the sink's
 count does not match.  Figures are noisy on a shared VM: compare within one run.
 """
-import argparse, asyncio, json, os, subprocess, sys, time
+import argparse, asyncio, json, os, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from smtp_accept import MX_TOML, SENDER, MxServer, Server, make_message, read_reply  # noqa: E402
@@ -515,13 +519,19 @@ def table(results):
             100 * r["sink_busy"], "%d/%d" % (st.get("pairs", 0), r["expected_pairs"]),
             st.get("dups", 0)))
     for scen in dict.fromkeys(r["scenario"] for r in results):
-        by = {r.get("server"): r for r in results if r["scenario"] == scen and "drain_s" in r
-              and r["sink"] == "raw"}
-        if "mx" in by and "postfix" in by:
-            m, p = by["mx"], by["postfix"]
-            out.append("%-7s mx/postfix msg/s %.2fx, CPU/1k postfix/mx %.2fx"
-                       % (scen, m["msgs_per_s"] / p["msgs_per_s"],
-                          p["cpu_s_per_1k"] / m["cpu_s_per_1k"]))
+        speed, cpu = [], []
+        for rnd in sorted({r.get("round", 1) for r in results}):
+            by = {r.get("server"): r for r in results if r["scenario"] == scen and "drain_s" in r
+                  and r["sink"] == "raw" and r.get("round", 1) == rnd}
+            if "mx" in by and "postfix" in by:
+                m, p = by["mx"], by["postfix"]
+                speed.append(m["msgs_per_s"] / p["msgs_per_s"])
+                cpu.append(p["cpu_s_per_1k"] / m["cpu_s_per_1k"])
+                out.append("%-7s round %d: mx/postfix msg/s %.2fx, CPU/1k postfix/mx %.2fx"
+                           % (scen, rnd, speed[-1], cpu[-1]))
+        if len(speed) > 1:
+            out.append("%-7s median of %d rounds: mx/postfix msg/s %.2fx, CPU/1k postfix/mx %.2fx"
+                       % (scen, len(speed), statistics.median(speed), statistics.median(cpu)))
     out.append("msg/s, rcpt/s: `mx queue flush` (`postqueue -f`) to empty queue; sink m/s: first"
                " to last message at the sink\nCPU/1k: server CPU s per 1,000 msgs (Postfix: master"
                " and all its processes); HWM: mx VmHWM, Postfix PSS sum after the drain\n"
@@ -539,7 +549,10 @@ def main():
     ap.add_argument("--messages", type=int, default=None,
                     help="per scenario (default: spread 5000, fanout 1000)")
     ap.add_argument("--quick", action="store_true", help="spread 500, fanout 100 messages")
-    ap.add_argument("--timeout", type=float, default=600.0, help="total seconds for all runs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs per scenario, mx and Postfix alternating (ratios per round + median)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="total seconds for all runs (default: 600 per round)")
     ap.add_argument("--json", metavar="PATH", help="dump raw results as JSON")
     a = ap.parse_args()
     scenarios = [s for s in a.scenario.split(",") if s]
@@ -548,7 +561,7 @@ def main():
             or set(a.servers.split(",")) - {"mx", "postfix"}):
         ap.error("--scenario takes spread,fanout; --sink takes raw,aiosmtpd")
     default = {"spread": 500 if a.quick else 5000, "fanout": 100 if a.quick else 1000}
-    deadline = time.monotonic() + a.timeout
+    deadline = time.monotonic() + (a.timeout or 600.0 * max(1, a.rounds))
     results = []
     servers = [s for s in a.servers.split(",") if s]
     if "postfix" in servers:
@@ -556,9 +569,10 @@ def main():
         if why:
             print("postfix unavailable: %s" % why, file=sys.stderr)
             servers.remove("postfix")
-    runs = [(srv, scenario, sink) for scenario in scenarios for sink in sinks for srv in servers
+    runs = [(rnd, srv, scenario, sink) for scenario in scenarios for rnd in range(1, a.rounds + 1)
+            for sink in sinks for srv in servers
             if srv == "mx" or sink == "raw"]  # Postfix only against the reference sink
-    for srv, scenario, sink in runs:
+    for rnd, srv, scenario, sink in runs:
         n = a.messages or default[scenario]
         if time.monotonic() >= deadline:
             results.append({"server": srv, "scenario": scenario, "sink": sink, "ok": False,
@@ -567,6 +581,7 @@ def main():
             results.append(run_postfix(scenario, n, deadline))
         else:
             results.append(run_one(scenario, sink, n, deadline))
+        results[-1]["round"] = rnd
         print(describe(results[-1]), file=sys.stderr, flush=True)
     print()
     print("relay drain, 4 KiB messages, %d recipients at remote.test, %s"
