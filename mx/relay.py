@@ -144,7 +144,7 @@ class _QueueBody:
 
     FIRST_READ = 256 * 1024
 
-    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, path: Path, f: BinaryIO | None,
+    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, path: Path | str, f: BinaryIO | None,
                  first: bytes) -> None:
         self._reactor = reactor
         self._pool = pool
@@ -202,7 +202,7 @@ class _BodiesAhead:
         self._reading: set[str] = set()
 
     async def open(self, entry_id: str, upcoming: Sequence[str]) -> _QueueBody:
-        path = self._spool.body_path(entry_id)
+        path = self._spool.body_file(entry_id)
         data = self._held.pop(entry_id, None)
         if data is not None:
             self._octets -= len(data)
@@ -217,7 +217,7 @@ class _BodiesAhead:
         self._reading.update(ahead)
         try:
             f, first, more = await deferToThreadPool(
-                self._reactor, self._pool, _read_bodies, path, [self._spool.body_path(i) for i in ahead],
+                self._reactor, self._pool, _read_bodies, path, [self._spool.body_file(i) for i in ahead],
                 _QueueBody.FIRST_READ, self.MAX_BODY, self.OCTETS,
             )
         except OSError as e:
@@ -240,7 +240,7 @@ class _BodiesAhead:
         self._octets = 0
 
 
-def _read_bodies(path: Path, ahead: Sequence[Path], size: int, max_body: int,
+def _read_bodies(path: Path | str, ahead: Sequence[Path | str], size: int, max_body: int,
                  octets: int) -> tuple[BinaryIO | None, bytes, list[bytes | None]]:
     """In a disk thread: `path` as `_open_and_read` gives it (its error raised), and each
     of `ahead` whole if it has at most `max_body` octets (else, or unreadable, None), until
@@ -263,7 +263,7 @@ def _read_bodies(path: Path, ahead: Sequence[Path], size: int, max_body: int,
     return f, first, more
 
 
-def _open_and_read(path: Path, size: int) -> tuple[BinaryIO | None, bytes]:
+def _open_and_read(path: Path | str, size: int) -> tuple[BinaryIO | None, bytes]:
     """In a disk thread: the file's first `size` bytes, and the open file if there is more."""
     f = open(path, "rb")
     try:

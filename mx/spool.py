@@ -23,7 +23,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
@@ -121,7 +121,10 @@ class QueueEntry:
         return tuple(r for r in self.recipients if r.status == FAILED)
 
     def with_recipients(self, recipients: Iterable[RecipientState]) -> QueueEntry:
-        return replace(self, recipients=tuple(recipients))
+        # Positionally (the field order is asserted below the class): every attempt makes a
+        # new entry two or three times, and dataclasses.replace costs 10 us to this 4 us.
+        return QueueEntry(self.id, self.sender, self.arrival, tuple(recipients), self.size, self.kind,
+                          self.eight_bit, self.smtputf8, self.delay_warned, self.peer, self.extra)
 
     def to_json(self) -> bytes:
         # By hand, not dataclasses.asdict: that deep-copies every field recursively, ~20 us
@@ -143,6 +146,9 @@ class QueueEntry:
 
 
 _ENTRY_FIELDS = tuple(f.name for f in fields(QueueEntry) if f.name != "recipients")
+assert tuple(f.name for f in fields(QueueEntry)) == (
+    "id", "sender", "arrival", "recipients", "size", "kind", "eight_bit", "smtputf8", "delay_warned", "peer",
+    "extra"), "QueueEntry.with_recipients passes the fields positionally: update it"
 
 
 def check_id(queue_id: str) -> str:
@@ -163,6 +169,11 @@ class Spool:
 
     def body_path(self, queue_id: str) -> Path:
         return self.root / f"{check_id(queue_id)}{BODY}"
+
+    def body_file(self, queue_id: str) -> str:
+        """`body_path` as a string: the relay's read-ahead names up to 17 per trip (0.6 us
+        each to 4.7 us for the Path)."""
+        return f"{self._prefix}{check_id(queue_id)}{BODY}"
 
     def record_path(self, queue_id: str) -> Path:
         return self.root / f"{check_id(queue_id)}{RECORD}"

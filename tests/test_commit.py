@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from mx import delivery
 from mx.commit import GroupCommitter, QueueRemove, QueueUpdate, QueueWrite
 from mx.durable import Staged
-from mx.spool import QueueEntry, RecipientState, Spool
+from mx.spool import QueueEntry, RecipientState, Spool, SpoolError
 
 
 def entry(queue_id: str, attempts: int = 0) -> QueueEntry:
@@ -157,3 +157,21 @@ class QueueIdTests(TestCase):
         for t in threads:
             t.join(10)
         self.assertEqual(len(set(out)), len(out))
+
+
+class QueueEntryTests(TestCase):
+    def test_with_recipients_keeps_every_other_field(self) -> None:
+        from mx.spool import Kind
+        e = QueueEntry(id="abc123", sender="a@example.test", arrival=12.5,
+                       recipients=(RecipientState("b@remote.test"),), size=4096, kind=Kind.MESSAGE,
+                       eight_bit=True, smtputf8=True, delay_warned=True, peer="192.0.2.1",
+                       extra={"x": 1})
+        new = (RecipientState("c@remote.test", attempts=2),)
+        changed = e.with_recipients(iter(new))
+        self.assertEqual(changed.recipients, new)
+        self.assertEqual(changed, QueueEntry(**{**{n: getattr(e, n) for n in e.__slots__}, "recipients": new}))
+
+    def test_body_file_is_body_path(self) -> None:
+        spool = Spool(Path(self.mktemp()))
+        self.assertEqual(spool.body_file("abc123"), str(spool.body_path("abc123")))
+        self.assertRaises(SpoolError, spool.body_file, "../etc")
