@@ -129,6 +129,16 @@ def proc_ids(pid: int) -> dict[str, list[int]]:
     return ids
 
 
+def ids_after_start(pid: int, uid: int, timeout: float) -> dict[str, list[int]]:
+    """`proc_ids(pid)` once its real uid is `uid`, or when `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = proc_ids(pid)
+        if ids["Uid"][0] == uid or time.monotonic() >= deadline:
+            return ids
+        time.sleep(0.01)
+
+
 class PrivilegeDropTests(TestCase):
     timeout = 120
 
@@ -186,7 +196,9 @@ class PrivilegeDropTests(TestCase):
         await deferToThread(wait_until_accepting, child, smtp_port, WAIT)
 
         # The server process itself now runs as the user: real, effective, saved, fs ids.
-        ids = proc_ids(child.process.pid)
+        # (twistd listens before it sheds privileges, so the port may accept a moment before
+        # the last switch, setuid, is made: wait, bounded, for the start-up to finish.)
+        ids = await deferToThread(ids_after_start, child.process.pid, UID, WAIT)
         self.assertEqual(ids["Uid"], [UID] * 4, ids)
         self.assertEqual(ids["Gid"], [GID] * 4, ids)
         self.assertNotIn(0, ids.get("Groups", []), ids)
