@@ -144,11 +144,9 @@ class _QueueBody:
 
     FIRST_READ = 256 * 1024
 
-    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, path: Path | str, f: BinaryIO | None,
-                 first: bytes) -> None:
+    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool, f: BinaryIO | None, first: bytes) -> None:
         self._reactor = reactor
         self._pool = pool
-        self.path = path
         self._file = f
         self._first: bytes | None = first
 
@@ -206,7 +204,7 @@ class _BodiesAhead:
         data = self._held.pop(entry_id, None)
         if data is not None:
             self._octets -= len(data)
-            return _QueueBody(self._reactor, self._pool, path, None, data)
+            return _QueueBody(self._reactor, self._pool, None, data)
         ahead: list[str] = []
         if self._octets < self.LIMIT:
             for other in upcoming:
@@ -228,7 +226,7 @@ class _BodiesAhead:
             if data is not None and other not in self._held:
                 self._held[other] = data
                 self._octets += len(data)
-        return _QueueBody(self._reactor, self._pool, path, f, first)
+        return _QueueBody(self._reactor, self._pool, f, first)
 
     def forget(self, entry_id: str) -> None:
         data = self._held.pop(entry_id, None)
