@@ -83,13 +83,19 @@ class Recorder:
 
         def on_fd(op: str) -> Any:
             def wrapper(fd: int, *args: Any) -> Any:
+                if op == "close":
+                    # Forgotten before the real close: once closed, another thread's open may
+                    # get the same number, and must not have its path taken for this one's.
+                    with self._lock:
+                        p = self._fds.pop(fd, None)
+                        if p is not None:
+                            self.events.append(Event(op, p))
+                    return real[op](fd, *args)
                 result = real[op](fd, *args)  # recorded once done: write/fsync returned
                 with self._lock:
                     p = self._fds.get(fd)
                     if p is not None:
                         self.events.append(Event(op, p))
-                        if op == "close":
-                            del self._fds[fd]
                 return result
 
             return wrapper
