@@ -51,6 +51,26 @@ class PasswordTests(SynchronousTestCase):
         self.assertFalse(verify_password(SCHEME + encoded, None))  # type: ignore[arg-type]
 
 
+    def test_libsodium_and_argon2_cffi_agree(self) -> None:
+        # Hashes of the shape libsodium verifies take its path, the rest argon2-cffi's: both
+        # must accept the right password and refuse a wrong one, for any parameters.
+        import argon2
+
+        shapes = [
+            dict(time_cost=1, memory_cost=8, parallelism=1, salt_len=8, hash_len=16),
+            dict(time_cost=2, memory_cost=64, parallelism=2, salt_len=16, hash_len=32),
+            dict(time_cost=1, memory_cost=64, parallelism=4, salt_len=16, hash_len=64),
+            dict(time_cost=1, memory_cost=32, parallelism=1, salt_len=64, hash_len=32),  # > 127 chars
+            dict(time_cost=1, memory_cost=32, parallelism=1, salt_len=8, hash_len=4),  # a tag below libsodium's minimum
+        ]
+        for shape in shapes:
+            stored = SCHEME + argon2.PasswordHasher(**shape).hash("pässwörd")
+            self.assertTrue(verify_password(stored, "pässwörd"), shape)
+            self.assertFalse(verify_password(stored, "passwörd"), shape)
+            self.assertFalse(verify_password(stored[:-3] + "AAA", "pässwörd"), shape)  # another tag
+        self.assertFalse(verify_password(hash_password("pw"), "\udcff"))  # not encodable: a mismatch
+
+
 class FileTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.folder = Path(self.mktemp())
