@@ -109,3 +109,25 @@ class LettersTests(_Folder):
         view.apply(Changes(new=(infos[0],), vanished=(), flags=()), [], {}, 99, True)
         self.assertEqual(view.uids[0], infos[0].uid)
         self.assertEqual(view.letters(), [view.info[u].flags for u in view.uids])
+
+
+class FetchChunkTests(_Folder):
+    """A FETCH's trips: index ranges, cut by count and octets, the pairs made per trip."""
+
+    def test_trips_cover_the_set_in_order_within_their_limits(self) -> None:
+        from mx.imap.selected import pairs_in
+        from mx.imap.session import _fetch_chunks
+
+        view, uids = self.view, self.view.uids
+        sizes = {u: view.info[u].size for u in uids}
+        for text, by_uid in (("1:*", False), ("1,3,5:6", False), ("6,2,1", True), ("2:4,4:5", False), ("9:*", True)):
+            spans = view.spans(SequenceSet(text), by_uid)
+            wanted = view.select(SequenceSet(text), by_uid)
+            self.assertEqual(pairs_in(uids, spans), wanted)
+            for count, octets in ((1, 0), (2, 0), (500, 0), (500, 1), (3, 2 * max(sizes.values())), (2, 10**9)):
+                trips = [pairs_in(uids, t) for t in _fetch_chunks(spans, uids, view, count, octets)]
+                self.assertEqual([p for t in trips for p in t], wanted, (text, count, octets))
+                for t in trips:
+                    self.assertTrue(1 <= len(t) <= count)
+                    if octets and len(t) > 1:
+                        self.assertLessEqual(sum(sizes[u] for _s, u in t), octets)

@@ -546,17 +546,20 @@ class BatchedFetchTests(IMAPCase):
         await self.start()
         await self.deliver(*(message(f"batch {i}", body=f"body {i}\r\n") for i in range(7)))
 
-        def run() -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
+        def run() -> tuple[list[bytes], list[bytes], list[bytes], list[bytes], list[bytes]]:
             c = self.imap()
             ok(c.select("INBOX"))
             peeked = ok(c.fetch("1:*", "(UID BODY.PEEK[TEXT])"))
             unseen = ok(c.search(None, "UNSEEN"))
+            sparse = ok(c.uid("FETCH", "7,1,3:4,6:*", "(BODY.PEEK[TEXT])"))
             read = ok(c.fetch("2:6", "(BODY[TEXT])"))
             after = ok(c.search(None, "SEEN"))
             c.logout()
-            return peeked, unseen, read, after
+            return peeked, unseen, read, after, sparse
 
-        peeked, unseen, read, after = await self.thread(run)
+        peeked, unseen, read, after, sparse = await self.thread(run)
+        self.assertEqual([part[1] for part in sparse if isinstance(part, tuple)],
+                         [f"body {i}\r\n".encode() for i in (0, 2, 3, 5, 6)])
         bodies = [part[1] for part in peeked if isinstance(part, tuple)]
         self.assertEqual(bodies, [f"body {i}\r\n".encode() for i in range(7)])
         self.assertEqual(unseen, [b"1 2 3 4 5 6 7"])

@@ -35,6 +35,7 @@ __all__ = [
     "imap_flags",
     "letters_for",
     "flag_list",
+    "pairs_in",
 ]
 
 # The Maildir letters of RFC 3501's system flags (cr.yp.to/proto/maildir.html, Dovecot).
@@ -84,6 +85,14 @@ def letters_for(names: Iterable[str], letter_of_keyword) -> set[str]:
 _FLAGS_OF = attrgetter("flags")
 
 
+def pairs_in(uids: Sequence[int], spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(seq, uid) of the messages in index ranges [i, j) of `uids` (made in C, by zip)."""
+    out: list[tuple[int, int]] = []
+    for i, j in spans:
+        out.extend(zip(range(i + 1, j + 1), uids[i:j]))
+    return out
+
+
 @dataclass(slots=True)
 class View:
     """One session's numbering of a folder; built from the folder as the session opened it."""
@@ -120,31 +129,31 @@ class View:
         i = bisect.bisect_left(self.uids, uid)
         return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
 
-    def select(self, seqset: SequenceSet, by_uid: bool) -> list[tuple[int, int]]:
-        """(seq, uid) of the messages a set names, in ascending order.
+    def spans(self, seqset: SequenceSet, by_uid: bool) -> list[tuple[int, int]]:
+        """The messages a set names as ascending, disjoint index ranges [i, j) into `uids`
+        (message i has sequence number i + 1). No pair per message is made: a FETCH of
+        1:* in a folder of 100,000 cost ~7 ms making them before its first byte went out.
 
         By sequence number, a number above EXISTS raises ValueError (RFC 3501 §7.4.2: BAD);
         by UID, `*` is the largest UID in the view and UIDs not present are skipped.
         """
         uids = self.uids
-        out: list[tuple[int, int]] = []
         if by_uid:
-            largest = uids[-1] if uids else 0
             if not uids:
-                return out
-            for lo, hi in seqset.resolve(largest):
-                i = bisect.bisect_left(uids, lo)
-                j = bisect.bisect_right(uids, hi)
-                out.extend((k + 1, uids[k]) for k in range(i, j))
-            return out
+                return []
+            found = ((bisect.bisect_left(uids, lo), bisect.bisect_right(uids, hi))
+                     for lo, hi in seqset.resolve(uids[-1]))
+            return [(i, j) for i, j in found if i < j]
         n = len(uids)
         for first, last in seqset.items:
             for v in (first, last):
                 if v is not None and (v > n or v == 0):
                     raise ValueError("Invalid message sequence number")
-        for lo, hi in seqset.resolve(n):
-            out.extend((k, uids[k - 1]) for k in range(lo, hi + 1))
-        return out
+        return [(lo - 1, hi) for lo, hi in seqset.resolve(n)]
+
+    def select(self, seqset: SequenceSet, by_uid: bool) -> list[tuple[int, int]]:
+        """(seq, uid) of the messages a set names, in ascending order (see `spans`)."""
+        return pairs_in(self.uids, self.spans(seqset, by_uid))
 
     def flags_of(self, uid: int) -> list[str]:
         info = self.info[uid]

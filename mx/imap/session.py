@@ -31,7 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -42,7 +42,7 @@ from mx.imap.listing import ListRequest, list_entries, wire_name, wire_to_name
 from mx.imap.parse import Arg, Atom, Command, Literal, Nil, ParenList, Quoted, SequenceSet, as_astring
 from mx.imap.respond import astring, continuation, tagged, untagged, untagged_status
 from mx.imap import tasks
-from mx.imap.selected import View
+from mx.imap.selected import View, pairs_in
 from mx.imap.tasks import Failed, bad, no
 from mx.maildir import MaildirError, mailbox_path
 from mx.store import Folder, Mailbox, StoreError
@@ -668,13 +668,17 @@ class Session:
         return view
 
     def _select(self, arg: Arg, by_uid: bool) -> list[tuple[int, int]]:
+        return pairs_in(self._need_view().uids, self._spans(arg, by_uid))
+
+    def _spans(self, arg: Arg, by_uid: bool) -> list[tuple[int, int]]:
+        """`View.spans` of a command's sequence-set argument; BAD if it is not one."""
         if not isinstance(arg, (SequenceSet, Atom)) and not (hasattr(arg, "value") and isinstance(arg.value, int)):
             raise bad("Sequence set expected")
         text = arg.text if hasattr(arg, "text") else str(arg.value)  # type: ignore[union-attr]
         if text == "$":
             raise bad("SEARCHRES is not supported")
         try:
-            return self._need_view().select(SequenceSet(text), by_uid)
+            return self._need_view().spans(SequenceSet(text), by_uid)
         except ValueError as e:
             raise bad(str(e)) from None
 
@@ -728,15 +732,25 @@ class Session:
             raise bad(str(e)) from None
         if by_uid:
             plan = fetch.with_uid(plan)
-        pairs = self._select(cmd.args[0], by_uid)
+        spans = self._spans(cmd.args[0], by_uid)
+        uids = list(view.uids)  # the numbers as of now, while the batches go out
         seen = plan.sets_seen and not view.read_only
         batch = FETCH_BATCH if (plan.needs_file or plan.needs_date or seen) else FLAGS_BATCH
-        chunks = _fetch_chunks(pairs, view, batch, FETCH_BATCH_OCTETS if plan.needs_file else 0)
+        chunks = _fetch_chunks(spans, uids, view, batch, FETCH_BATCH_OCTETS if plan.needs_file else 0)
         gone = False
 
+        # UID/FLAGS/RFC822.SIZE come from the view: those batches (up to FLAGS_BATCH, ~1 ms
+        # each) are made here between writes; a trip to the pool cost more than the work.
+        # The last batch still makes its trip, for the refresh that follows the command.
+        inline = tasks.names_only(plan)
+
         def start(k: int) -> Deferred[Any]:
-            trip = self.store_then_sync if k == len(chunks) - 1 else self.store
-            return ensureDeferred(trip(tasks.fetch_batch, self.folder, view, chunks[k], plan, seen, self.cache))
+            last = k == len(chunks) - 1
+            pairs = pairs_in(uids, chunks[k])  # made per batch: the first goes out sooner
+            if inline and not last:
+                return succeed(tasks.fetch_batch(self.folder, view, pairs, plan, seen, self.cache))
+            trip = self.store_then_sync if last else self.store
+            return ensureDeferred(trip(tasks.fetch_batch, self.folder, view, pairs, plan, seen, self.cache))
 
         # The next batch is read while this one is sent: at most two batches in memory.
         ahead = start(0) if chunks else None
@@ -744,18 +758,28 @@ class Session:
             for k in range(len(chunks)):
                 assert ahead is not None
                 data, updated, missing = await ahead
-                ahead = start(k + 1) if k + 1 < len(chunks) else None
+                more = k + 1 < len(chunks)
+                ahead = start(k + 1) if more and not inline else None
                 for info in updated:
                     view.update_info(info)
                 gone = gone or missing
                 self.link.write(data)
                 await self.link.drain()
+                if more and inline:
+                    await self._turn()  # let the reactor serve others between batches
+                    ahead = start(k + 1)  # made after this batch is on its way
         finally:
             if ahead is not None:  # given up half-way (the connection went): let it finish quietly
                 ahead.addErrback(lambda _f: None)
         if gone:
             raise no("Some of the requested messages no longer exist", "EXPUNGEISSUED")
         return tagged(cmd.tag, "OK", f"{cmd.name} completed")
+
+    def _turn(self) -> Deferred[None]:
+        """Fires on the reactor's next turn: work done in slices lets other connections in."""
+        d: Deferred[None] = Deferred()
+        self.clock.callLater(0, d.callback, None)
+        return d
 
     async def do_UID_FETCH(self, cmd: Command) -> bytes:
         return await self.do_FETCH(cmd, by_uid=True)
@@ -847,23 +871,42 @@ class Session:
 IDLE_KEEPALIVE = 120.0
 
 
-def _fetch_chunks(pairs: list[tuple[int, int]], view: View, count: int, octets: int) -> list[list[tuple[int, int]]]:
-    """FETCH's (seq, uid) pairs cut into trips of at most `count` messages and, when `octets`,
-    at most that many octets of messages (sizes from the view: no file is opened)."""
-    if not octets:
-        return [pairs[i : i + count] for i in range(0, len(pairs), count)]
+def _fetch_chunks(spans: list[tuple[int, int]], uids: list[int], view: View, count: int,
+                  octets: int) -> list[list[tuple[int, int]]]:
+    """FETCH's index ranges (`View.spans`) cut into trips of at most `count` messages and,
+    when `octets`, at most that many octets of messages (sizes from the view: no file is
+    opened). Each trip is a list of index ranges [i, j) into `uids`; the pairs are made
+    per trip (`pairs_in`)."""
     chunks: list[list[tuple[int, int]]] = []
+    trip: list[tuple[int, int]] = []
+    have = total = 0  # messages and octets in `trip`
     info_of = view.info
-    start = total = 0
-    for i, (_seq, uid) in enumerate(pairs):
-        info = info_of.get(uid)
-        size = info.size if info is not None else 0
-        if i > start and (i - start >= count or total + size > octets):
-            chunks.append(pairs[start:i])
-            start, total = i, 0
-        total += size
-    if start < len(pairs):
-        chunks.append(pairs[start:])
+    for i, j in spans:
+        while i < j:
+            if have >= count:
+                chunks.append(trip)
+                trip, have, total = [], 0, 0
+            if not octets:
+                k = min(j, i + count - have)
+            else:
+                k = i
+                while k < j:
+                    info = info_of.get(uids[k])
+                    size = info.size if info is not None else 0
+                    if have + (k - i) > 0 and total + size > octets:
+                        break
+                    total += size
+                    k += 1
+                if k == i:  # this message would go over: the next trip starts with it
+                    chunks.append(trip)
+                    trip, have, total = [], 0, 0
+                    continue
+                k = min(k, i + count - have)
+            trip.append((i, k))
+            have += k - i
+            i = k
+    if trip:
+        chunks.append(trip)
     return chunks
 
 

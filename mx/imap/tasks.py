@@ -183,9 +183,15 @@ def _fetch_names_only(view: View, pairs: list[tuple[int, int]], plan: fetch.Fetc
     return b"".join(out)
 
 
+def names_only(plan: fetch.FetchPlan) -> bool:
+    """Whether a FETCH is answered from the view alone (UID, FLAGS, RFC822.SIZE): no file,
+    no store call; `fetch_batch` may then run on the reactor thread."""
+    return not plan.needs_file and not plan.needs_date and all(i in _NAME_ONLY for i in plan.items)
+
+
 def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan,
                  seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
-    if not plan.needs_file and not plan.needs_date and all(i in _NAME_ONLY for i in plan.items):
+    if names_only(plan):
         return _fetch_names_only(view, pairs, plan), [], False
     out: list[bytes] = []
     updated = []
