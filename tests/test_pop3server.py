@@ -682,6 +682,45 @@ class MailboxTests(POP3Case):
         self.assertTrue(file_of(self.config, b"Subject: two").name.endswith(":2,S"))
         self.assertNotIn(":2,S", file_of(self.config, b"Subject: one").name)
 
+    async def test_read_ahead_answers_in_and_out_of_order(self) -> None:
+        # More messages than one read-ahead trip takes: RETRs in order (answered from what
+        # was read ahead), then TOP of one read ahead, a jump back, a DELE, a jump forward.
+        await self.start(mark_seen=True)
+        count = 45
+        await self.deliver(*(message(f"n{i}", body=f"body {i}\r\n") for i in range(count)))
+
+        def client() -> dict[str, Any]:
+            p = self.pop()
+            out: dict[str, Any] = {"in_order": [b"\r\n".join(p.retr(k)[1]) for k in range(1, 31)]}
+            out["top"] = p.top(32, 0)[1]
+            out["back"] = b"\r\n".join(p.retr(3)[1])
+            p.dele(33)
+            try:
+                p.retr(33)
+            except poplib.error_proto as e:
+                out["deleted"] = str(e)
+            out["jump"] = b"\r\n".join(p.retr(44)[1])
+            out["rest"] = [b"\r\n".join(p.retr(k)[1]) for k in (31, 32, 34)]
+            p.quit()
+            return out
+
+        got = await self.thread(client)
+        for k, text in enumerate(got["in_order"], 1):
+            self.assertIn(f"Subject: n{k - 1}".encode(), text)
+            self.assertTrue(text.endswith(f"body {k - 1}".encode()), k)
+        self.assertIn(b"Subject: n31", b"\r\n".join(got["top"]))
+        self.assertNotIn(b"body 31", b"\r\n".join(got["top"]))
+        self.assertIn(b"Subject: n2", got["back"])
+        self.assertIn("-ERR", got["deleted"])
+        self.assertIn(b"Subject: n43", got["jump"])
+        self.assertEqual([t.endswith(f"body {i}".encode()) for t, i in zip(got["rest"], (30, 31, 33))], [True] * 3)
+        retrieved = {*range(30), 2, 43, 30, 31, 33}
+        for i in range(count):
+            if i == 32:
+                continue  # deleted
+            name = file_of(self.config, f"Subject: n{i}\r\n".encode()).name
+            self.assertEqual(name.endswith(":2,S"), i in retrieved, i)
+
     async def test_seen_rename_after_the_reply_is_waited_for(self) -> None:
         # The \\Seen rename runs after RETR's reply; QUIT's expunge and the next session
         # must see it done (one store call at a time, the lock kept until then).
