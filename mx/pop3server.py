@@ -836,27 +836,39 @@ def _seen_and_read(folder: Folder, seen: list[int], uids: list[int], close: Sequ
         except Exception as e:  # vanished or unwritable: the message was sent all the same
             failed.append((uid, str(e)))
     read = {}
-    for uid in uids:
-        got = _read_quietly(folder, uid)
-        if got is not None:
-            read[uid] = got
+    if uids:
+        with folder.reading():
+            for uid in uids:
+                got = _read_quietly(folder, uid)
+                if got is not None:
+                    read[uid] = got
     for fh in close:
         fh.close()
     return read, failed
 
 
 def _open_and_read(folder: Folder, uid: int, size: int) -> tuple[BinaryIO | None, bytes]:
-    """In the pool: the message's first `size` bytes, and its open file if there is more."""
-    fh = folder.open_message(uid)
+    """In the pool: the message's first `size` bytes, and its open file if there is more.
+    Read from the raw descriptor (a file object is made only for a message that has more:
+    most are read whole, and the object cost more than the read)."""
+    fd, _named = folder.open_message_fd(uid)
     try:
-        first = fh.read(size)
+        parts = []
+        got = 0
+        while got < size:  # a read is short only at the end of a regular file; loop anyway
+            more = os.read(fd, size - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
     except BaseException:
-        fh.close()
+        os.close(fd)
         raise
-    if len(first) < size:
-        fh.close()
+    first = parts[0] if len(parts) == 1 else b"".join(parts)
+    if got < size:
+        os.close(fd)
         return None, first
-    return fh, first
+    return os.fdopen(fd, "rb"), first
 
 
 class _Closed(Exception):

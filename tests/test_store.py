@@ -253,6 +253,28 @@ class FolderTests(SynchronousTestCase):
             self.assertEqual(fh.read(), b"body bytes")
         self.assertEqual(f.get(1).flags, frozenset("S"))
 
+    def test_reads_in_a_batch_use_the_folder_descriptors(self) -> None:
+        # Within `reading()`: files in new/ and cur/ by name relative to the open folders, a
+        # rename by another program still followed; the descriptors closed after.
+        a, b = deliver(self.md, body=b"first"), deliver(self.md, body=b"second")
+        f = self.open()
+        os.rename(self.md / "new" / a, self.md / "cur" / f"{a}:2,S")  # f still says new/
+        fds_before = len(os.listdir("/proc/self/fd"))
+        with f.reading():
+            self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before + 2)
+            for uid, want in ((1, b"first"), (2, b"second")):
+                fd, _size = f.open_message_fd(uid)
+                try:
+                    self.assertEqual(os.read(fd, 100), want)
+                finally:
+                    os.close(fd)
+            os.rename(self.md / "new" / b, self.md / "cur" / f"{b}:2,F")
+            with f.open_message(2) as fh:
+                self.assertEqual(fh.read(), b"second")
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds_before)
+        fd, _size = f.open_message_fd(1)  # by path again
+        os.close(fd)
+
     def test_expunge(self) -> None:
         for _ in range(3):
             deliver(self.md)

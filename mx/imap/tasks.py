@@ -193,6 +193,14 @@ def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: 
                  seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
     if names_only(plan):
         return _fetch_names_only(view, pairs, plan), [], False
+    if not plan.needs_file:
+        return _fetch_batch(folder, view, pairs, plan, seen, cache)
+    with folder.reading():
+        return _fetch_batch(folder, view, pairs, plan, seen, cache)
+
+
+def _fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: fetch.FetchPlan,
+                 seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
     out: list[bytes] = []
     updated = []
     missing = False
@@ -294,6 +302,13 @@ def _flags_decide(key: search.Key) -> bool:
 
 def run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[int, int]]:
     """(seq, uid) of the messages the query matches, in ascending order."""
+    if query.need < search.Need.HEADER or _flags_decide(query.key):
+        return _run_search(folder, view, query)
+    with folder.reading():
+        return _run_search(folder, view, query)
+
+
+def _run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[int, int]]:
     need = query.need
     hits: list[tuple[int, int]] = []
     max_seq = len(view.uids)

@@ -49,7 +49,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -135,6 +136,7 @@ class Folder:
         self.path = path
         self._table_cache = table_cache  # see mx.store.tablecache
         self._where = os.fspath(path)
+        self._dirs: dict[str, int] | None = None  # new/ and cur/ opened for a batch (`reading`)
         self.take_new = take_new
         self.uidvalidity = 0
         self.next_uid = 1
@@ -699,13 +701,36 @@ class Folder:
         """The message file, opened for reading; follows a rename; `MessageGone` if gone."""
         return os.fdopen(self.open_message_fd(uid)[0], "rb")
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around one trip's many message reads: `new/` and `cur/` are opened once and each
+        file by its name in them, so the kernel does not walk the folder's path again per
+        message (~10 % of an open + read + close of a 4 KiB message at eight path
+        components). One thread at a time, as every use of a Folder; not nested."""
+        dirs: dict[str, int] = {}
+        for sub in (_NEW, _CUR):
+            try:
+                dirs[sub] = os.open(f"{self._where}/{sub}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                pass  # that one is opened by path, as without this
+        self._dirs = dirs
+        try:
+            yield
+        finally:
+            self._dirs = None
+            for fd in dirs.values():
+                os.close(fd)
+
     def open_message_fd(self, uid: int) -> tuple[int, int]:
         """(raw fd, size from the name) of the message file, as `open_message` opens it. For
         the read paths that read a message whole in one `os.read` (a file object costs
         more than the read of a 4 KiB message); the caller closes the fd."""
         info = self._current(uid)
+        dirs = self._dirs
         for _attempt in range(3):
             try:
+                if dirs is not None and (at := dirs.get(info.subdir)) is not None:
+                    return os.open(info.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=at), info.size
                 # str paths: pathlib's joins cost more than the open at 10,000 messages
                 return os.open(f"{self._where}/{info.subdir}/{info.name}", os.O_RDONLY | os.O_CLOEXEC), info.size
             except FileNotFoundError:
