@@ -124,6 +124,10 @@ class FetchChunkTests(_Folder):
             spans = view.spans(SequenceSet(text), by_uid)
             wanted = view.select(SequenceSet(text), by_uid)
             self.assertEqual(pairs_in(uids, spans), wanted)
+            if spans:  # a slice of the list (what FETCH keeps), its messages' numbers the same
+                first = spans[0][0]
+                shifted = [(i - first, j - first) for i, j in spans]
+                self.assertEqual(pairs_in(uids[first : spans[-1][1]], shifted, first), wanted)
             for count, octets in ((1, 0), (2, 0), (500, 0), (500, 1), (3, 2 * max(sizes.values())), (2, 10**9)):
                 trips = [pairs_in(uids, t) for t in _fetch_chunks(spans, uids, view, count, octets)]
                 self.assertEqual([p for t in trips for p in t], wanted, (text, count, octets))

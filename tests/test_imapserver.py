@@ -552,6 +552,7 @@ class BatchedFetchTests(IMAPCase):
             peeked = ok(c.fetch("1:*", "(UID BODY.PEEK[TEXT])"))
             unseen = ok(c.search(None, "UNSEEN"))
             sparse = ok(c.uid("FETCH", "7,1,3:4,6:*", "(BODY.PEEK[TEXT])"))
+            sparse += ok(c.fetch("5:6", "(UID BODY.PEEK[TEXT])"))  # numbered from 5
             read = ok(c.fetch("2:6", "(BODY[TEXT])"))
             after = ok(c.search(None, "SEEN"))
             c.logout()
@@ -559,7 +560,9 @@ class BatchedFetchTests(IMAPCase):
 
         peeked, unseen, read, after, sparse = await self.thread(run)
         self.assertEqual([part[1] for part in sparse if isinstance(part, tuple)],
-                         [f"body {i}\r\n".encode() for i in (0, 2, 3, 5, 6)])
+                         [f"body {i}\r\n".encode() for i in (0, 2, 3, 5, 6, 4, 5)])
+        self.assertEqual([part[0].split()[:3] for part in sparse if isinstance(part, tuple)][-2:],
+                         [[b"5", b"(UID", b"5"], [b"6", b"(UID", b"6"]])
         bodies = [part[1] for part in peeked if isinstance(part, tuple)]
         self.assertEqual(bodies, [f"body {i}\r\n".encode() for i in range(7)])
         self.assertEqual(unseen, [b"1 2 3 4 5 6 7"])

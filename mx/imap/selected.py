@@ -85,11 +85,12 @@ def letters_for(names: Iterable[str], letter_of_keyword) -> set[str]:
 _FLAGS_OF = attrgetter("flags")
 
 
-def pairs_in(uids: Sequence[int], spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(seq, uid) of the messages in index ranges [i, j) of `uids` (made in C, by zip)."""
+def pairs_in(uids: Sequence[int], spans: Iterable[tuple[int, int]], first: int = 0) -> list[tuple[int, int]]:
+    """(seq, uid) of the messages in index ranges [i, j) of `uids` (made in C, by zip);
+    `uids[0]` is message `first + 1` (a slice of the view's list)."""
     out: list[tuple[int, int]] = []
     for i, j in spans:
-        out.extend(zip(range(i + 1, j + 1), uids[i:j]))
+        out.extend(zip(range(first + i + 1, first + j + 1), uids[i:j]))
     return out
 
 
