@@ -745,15 +745,17 @@ class Session:
 
         # UID/FLAGS/RFC822.SIZE come from the view: those batches (up to FLAGS_BATCH, ~1 ms
         # each) are made here between writes; a trip to the pool cost more than the work.
-        # The refresh after the command then makes its own trip, once all is sent. Batches
-        # that read files go to the pool, the last with the refresh in the same trip.
+        # The last batch still makes its trip, for the refresh that follows the command
+        # (measured: made here, with the refresh a trip of its own after it, a FETCH 1:*
+        # FLAGS of 100,000 took 137-143 ms instead of 79-129 ms for a client that parses).
         inline = tasks.names_only(plan)
 
         def start(k: int) -> Deferred[Any]:
+            last = k == len(chunks) - 1
             pairs = pairs_in(uids, chunks[k], first)  # made per batch: the first goes out sooner
-            if inline:
+            if inline and not last:
                 return succeed(tasks.fetch_batch(self.folder, view, pairs, plan, seen, self.cache))
-            trip = self.store_then_sync if k == len(chunks) - 1 else self.store
+            trip = self.store_then_sync if last else self.store
             return ensureDeferred(trip(tasks.fetch_batch, self.folder, view, pairs, plan, seen, self.cache))
 
         # The next batch is read while this one is sent: at most two batches in memory.
