@@ -34,7 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["FolderWatch", "Hold", "Subscription", "POLL_INTERVAL"]
+__all__ = ["FolderWatch", "Subscription", "POLL_INTERVAL"]
 
 log = Logger()
 
@@ -47,7 +47,6 @@ try:  # Linux only
 
     _MASK = (_inotify.IN_CREATE | _inotify.IN_MOVED_TO | _inotify.IN_MOVED_FROM | _inotify.IN_DELETE
              | _inotify.IN_ATTRIB | _inotify.IN_DELETE_SELF | _inotify.IN_MOVE_SELF)
-    _ROOT_MASK = _MASK | _inotify.IN_CLOSE_WRITE
 except ImportError:  # pragma: no cover - other platforms poll
     _inotify = None  # type: ignore[assignment]
 
@@ -79,34 +78,12 @@ class Subscription:
 
 
 @dataclass(eq=False)
-class Hold:
-    """A reader's wish to know whether `folder` changed, without a callback (a session that
-    has the folder selected but does not idle); `cancel()` ends it."""
-
-    folder: Path
-    _watch: FolderWatch | None = field(default=None, repr=False)
-
-    def generation(self) -> int | None:
-        """How many changes inotify has reported for the folder so far, counting what the
-        kernel queued up to now; None where the folder is polled (then only a look at the
-        folder can tell). The same number twice: nothing in the folder changed between."""
-        return self._watch._generation_now(self.folder) if self._watch is not None else None
-
-    def cancel(self) -> None:
-        if self._watch is not None:
-            self._watch._release(self)
-            self._watch = None
-
-
-@dataclass(eq=False)
 class _Watched:
     subscribers: list[Subscription] = field(default_factory=list)
     inotify_paths: list[Any] = field(default_factory=list)
     polling: bool = False
     stamp: tuple[int, ...] | None = None
     pending: IDelayedCall | None = None
-    holds: int = 0
-    generation: int = 0  # changes seen (inotify events, own deliveries)
 
 
 class FolderWatch:
@@ -137,33 +114,6 @@ class FolderWatch:
         watched.subscribers.append(sub)
         return sub
 
-    def hold(self, folder: Path) -> Hold:
-        """Watch `folder` for `Hold.generation`; no callback, so a delivery to a folder that
-        10,000 sessions hold selected costs one counter step, not 10,000 calls."""
-        folder = Path(folder)
-        watched = self._folders.get(folder)
-        if watched is None:
-            watched = self._folders[folder] = _Watched()
-            self._start_watching(folder, watched)
-        watched.holds += 1
-        return Hold(folder, self)
-
-    def _generation_now(self, folder: Path) -> int | None:
-        watched = self._folders.get(folder)
-        if watched is None or watched.polling or self._notifier is None:
-            return None
-        # Events the kernel queued before now (a file another process moved into new/ just
-        # before the client's command) are read here, not on a later reactor turn.
-        self._notifier.doRead()
-        return watched.generation
-
-    def _release(self, hold: Hold) -> None:
-        watched = self._folders.get(hold.folder)
-        if watched is None or watched.holds <= 0:
-            return
-        watched.holds -= 1
-        self._drop_if_unused(hold.folder, watched)
-
     def _unsubscribe(self, sub: Subscription) -> None:
         watched = self._folders.get(sub.folder)
         if watched is None:
@@ -172,12 +122,9 @@ class FolderWatch:
             watched.subscribers.remove(sub)
         except ValueError:
             return
-        self._drop_if_unused(sub.folder, watched)
-
-    def _drop_if_unused(self, folder: Path, watched: _Watched) -> None:
-        if watched.subscribers or watched.holds:
+        if watched.subscribers:
             return
-        del self._folders[folder]
+        del self._folders[sub.folder]
         if watched.pending is not None and watched.pending.active():
             watched.pending.cancel()
         for path in watched.inotify_paths:
@@ -211,8 +158,7 @@ class FolderWatch:
                 self._changed(watched)
 
     def _changed(self, watched: _Watched) -> None:
-        watched.generation += 1
-        if watched.subscribers and (watched.pending is None or not watched.pending.active()):
+        if watched.pending is None or not watched.pending.active():
             watched.pending = self._reactor.callLater(0, self._fire, watched)
 
     def _fire(self, watched: _Watched) -> None:
@@ -235,12 +181,6 @@ class FolderWatch:
                     path = FilePath(str(folder / sub))
                     self._notifier.watch(path, mask=_MASK, callbacks=[lambda _w, _p, _m, w=watched: self._changed(w)])
                     watched.inotify_paths.append(path)
-                # The folder itself: `dovecot-uidlist` and `dovecot-keywords` are replaced
-                # there (a new UIDVALIDITY, new keyword names) with no file of new/ or cur/
-                # changing. Subfolders' own files are not reported here (not recursive).
-                path = FilePath(str(folder))
-                self._notifier.watch(path, mask=_ROOT_MASK, callbacks=[lambda _w, _p, _m, w=watched: self._changed(w)])
-                watched.inotify_paths.append(path)
                 return
             except Exception as e:  # no inotify here, the watch limit, a missing folder
                 log.info("polling {folder}: inotify unavailable ({error})", folder=str(folder), error=str(e))

@@ -83,49 +83,6 @@ class InotifyTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
-class HoldTests(TestCase):
-    """A Hold counts a folder's changes without a callback, reading inotify's queue at once."""
-
-    def setUp(self) -> None:
-        self.watch = FolderWatch(reactor)
-        self.addCleanup(self.watch.stop)
-
-    def test_generation_moves_with_changes_only_and_at_once(self) -> None:
-        box = maildir(self)
-        hold = self.watch.hold(box)
-        first = hold.generation()
-        self.assertIsNotNone(first)
-        self.assertEqual(hold.generation(), first)  # nothing happened
-        (box / "tmp" / "m").write_bytes(b"x")
-        os.rename(box / "tmp" / "m", box / "new" / "m")  # as another program delivers
-        after_new = hold.generation()  # no reactor turn in between: read from the queue now
-        self.assertNotEqual(after_new, first)
-        os.rename(box / "new" / "m", box / "cur" / "m:2,S")
-        after_flag = hold.generation()
-        self.assertNotEqual(after_flag, after_new)
-        (box / "dovecot-uidlist.tmp").write_text("3 V1 N1\n")
-        os.rename(box / "dovecot-uidlist.tmp", box / "dovecot-uidlist")  # the list replaced
-        self.assertNotEqual(hold.generation(), after_flag)
-
-    def test_no_callback_and_the_watch_goes_with_the_last_holder(self) -> None:
-        box = maildir(self)
-        calls: list[int] = []
-        sub = self.watch.subscribe(box, lambda: calls.append(1))
-        hold = self.watch.hold(box)
-        self.assertEqual(self.watch.watched(), 1)
-        sub.cancel()
-        self.assertEqual(self.watch.watched(), 1)  # still held
-        hold.cancel()
-        self.assertEqual(self.watch.watched(), 0)
-        self.assertIsNone(hold.generation())
-
-    def test_polled_folders_have_no_generation(self) -> None:
-        watch = FolderWatch(Clock(), poll=True)
-        self.addCleanup(watch.stop)
-        hold = watch.hold(maildir(self))
-        self.assertIsNone(hold.generation())
-
-
 class PollingTests(TestCase):
     def test_polling_sees_changes_and_stops_with_the_last_reader(self) -> None:
         clock = Clock()
