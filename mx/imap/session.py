@@ -745,9 +745,9 @@ class Session:
 
         # UID/FLAGS/RFC822.SIZE come from the view: those batches (up to FLAGS_BATCH, ~1 ms
         # each) are made here between writes; a trip to the pool cost more than the work.
-        # The last batch still makes its trip, for the refresh that follows the command
-        # (measured: made here, with the refresh a trip of its own after it, a FETCH 1:*
-        # FLAGS of 100,000 took 137-143 ms instead of 79-129 ms for a client that parses).
+        # The last batch still makes its trip, with the refresh that follows the command in
+        # it: one trip either way (making it here and the refresh a trip of its own after
+        # measured no better, within this VM's drift).
         inline = tasks.names_only(plan)
 
         def start(k: int) -> Deferred[Any]:

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -193,9 +194,7 @@ def fetch_batch(folder: Folder, view: View, pairs: list[tuple[int, int]], plan: 
                  seen: bool, cache: StructureCache | None) -> tuple[bytes, list[Any], bool]:
     if names_only(plan):
         return _fetch_names_only(view, pairs, plan), [], False
-    if not plan.needs_file:
-        return _fetch_batch(folder, view, pairs, plan, seen, cache)
-    with folder.reading():
+    with folder.reading() if plan.needs_file else nullcontext():
         return _fetch_batch(folder, view, pairs, plan, seen, cache)
 
 
@@ -302,9 +301,8 @@ def _flags_decide(key: search.Key) -> bool:
 
 def run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[int, int]]:
     """(seq, uid) of the messages the query matches, in ascending order."""
-    if query.need < search.Need.HEADER or _flags_decide(query.key):
-        return _run_search(folder, view, query)
-    with folder.reading():
+    reads = query.need >= search.Need.HEADER and not _flags_decide(query.key)
+    with folder.reading() if reads else nullcontext():
         return _run_search(folder, view, query)
 
 
