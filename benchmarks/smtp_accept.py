@@ -398,6 +398,17 @@ class MxServer(Server):
     mailauth = None  # None: mx's defaults (loopback skipped); "on"/"off": see --mailauth
     dns_port = None  # set by main() for --mailauth: the loopback DNS server
 
+    def cpu_seconds(self):
+        """The main process and its SMTP workers (`smtp_workers`), each utime+stime."""
+        from postfix_peer import descendants, proc_stat
+
+        total = super().cpu_seconds()
+        for pid in descendants(self.proc.pid):
+            st = proc_stat(pid)
+            if st:
+                total += st[1] + st[2]
+        return total
+
     def config_text(self):
         text = MX_TOML.format(port=self.port)
         if self.mailauth:
@@ -427,8 +438,15 @@ class MxServer(Server):
         # MX_PROFILE=/tmp/prof: profile the reactor thread with cProfile (twistd --profile)
         prof = os.environ.get("MX_PROFILE")
         extra = [f"--profile={prof}.{os.getpid()}.{time.time():.0f}", "--profiler=cprofile", "--savestats"] if prof else []
-        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile", "", *extra, "mx", "--config", self.config]
+        # MX_REACTOR=asyncio|uvloop: the reactor lever of issue 11 (Twisted's asyncio reactor,
+        # on uvloop's event loop for `uvloop`); default: twistd's own choice (epoll)
+        choice = os.environ.get("MX_REACTOR", "")
+        boot = "from twisted.scripts.twistd import run; run()"
+        if choice == "uvloop":
+            boot = "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); " + boot
+        if choice in ("asyncio", "uvloop"):
+            extra = [*extra, "--reactor=asyncio"]
+        return [sys.executable, "-c", boot, "-n", "--pidfile", "", *extra, "mx", "--config", self.config]
 
 
 class AiosmtpdServer(Server):
