@@ -23,7 +23,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.internet import defer, endpoints, tcp
@@ -31,7 +30,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-__all__ = ["DirectWriteServer", "DirectWriteClient", "DirectWritePort", "DirectWriteEndpoint", "DirectConnectReactor", "InheritedEndpoint",
+__all__ = ["DirectWriteServer", "DirectWriteClient", "DirectWritePort", "DirectWriteEndpoint", "DirectConnectReactor",
            "direct_write", "direct_connect"]
 
 DIRECT_LIMIT = 1 << 17  # bigger writes go through the buffer (a direct send would copy the rest)
@@ -113,28 +112,6 @@ class DirectWriteEndpoint:
     def _listen(self, factory: Factory) -> DirectWritePort:
         # What the posix reactors' listenTCP does, with our Port class.
         port = DirectWritePort(self._port, factory, self._backlog, self._interface, self._reactor)
-        port.startListening()
-        return port
-
-
-@implementer(IStreamServerEndpoint)
-class InheritedEndpoint:
-    """A listening socket this process inherited (an SMTP worker, mx.workers), adopted as a
-    `DirectWritePort`: the same connections as the main process's listener."""
-
-    def __init__(self, reactor: Any, fd: int, family: int) -> None:
-        self._reactor = reactor
-        self._fd = fd
-        self._family = family
-
-    def listen(self, protocolFactory: Factory) -> defer.Deferred[IListeningPort]:
-        return defer.execute(self._adopt, protocolFactory)
-
-    def _adopt(self, factory: Factory) -> DirectWritePort:
-        # What the posix reactors' adoptStreamPort does, with our Port class. The port works
-        # on a duplicate (socket.fromfd), so the inherited descriptor is closed here.
-        port = DirectWritePort._fromListeningDescriptor(self._reactor, self._fd, self._family, factory)  # noqa: SLF001
-        os.close(self._fd)
         port.startListening()
         return port
 

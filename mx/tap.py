@@ -21,12 +21,11 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import signal
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
 
 from mx import config as configmod
 from mx import logtext
@@ -53,7 +50,7 @@ from mx.dns import Resolver
 from mx.listeners import ConnectionRegistry, Service
 from mx.mailauth.gate import KEY_REFRESH, MailAuth
 from mx.durable import unlink_quietly
-from mx.fasttcp import InheritedEndpoint, direct_write
+from mx.fasttcp import direct_write
 from mx.fdlimit import SPARE_FDS, below, raise_nofile_limit
 from mx.imap.server import IMAPServerFactory
 from mx.pop3server import POP3ServerFactory
@@ -62,7 +59,6 @@ from mx.routing import LocalRecipient, Router
 from mx.spool import QueueEntry, Spool
 from mx.store import sweep_tmp
 from mx.watch import FolderWatch
-from mx.workers import SMTP_SERVICES, Channel, Inherited, WorkerPool, family_of
 from mx.tls import ServerTLS, TLSError
 from mx.smtpserver import SMTPServerFactory
 from mx.users import UserDB, UsersError
@@ -101,16 +97,10 @@ class MailService(service.MultiService):
       the fsyncs behind SMTP's 250.
     """
 
-    def __init__(self, config: Config, reactor: Any, inherited: list[Inherited] | None = None,
-                 channel: Channel | None = None, **relay_options: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, **relay_options: Any) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
-        # An SMTP worker (mx.workers) gets its listening sockets from the main process and
-        # tells it, over `channel`, what it queued and delivered; it runs no relay.
-        self.inherited = inherited
-        self.channel = channel
-        self.workers: WorkerPool | None = None
         self.pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="mx-disk")
         self.read_pool = ThreadPool(minthreads=0, maxthreads=READ_THREADS, name="mx-read")
         self.users = UserDB(config.auth.users_file)  # read once here, before the reactor runs
@@ -130,7 +120,7 @@ class MailService(service.MultiService):
         # relay_options: tests pass a task.Clock (`clock`), short `timeouts`, a `trust_root`
         self.relay = Relay(
             config, reactor, self.pool, self.spool, self.delivery, self.router, self.resolver, **relay_options
-        ) if inherited is None else None
+        )
         self.control = LoopingCall(self._poll_control)
         self.control.clock = reactor
         # Password hashing gets its own small pool so it never delays disk commits.
@@ -146,7 +136,6 @@ class MailService(service.MultiService):
         # Every service's factory registers here: shared connection limits, one shutdown.
         self.registry = ConnectionRegistry(config.limits, reactor)
         self.listeners: list[StreamServerEndpointService] = []
-        make_smtp = self._smtp_factory
         factories: dict[Service, Callable[[Service], ServerFactory]] = {
             Service.SMTP: self._smtp_factory,
             Service.SUBMISSION: self._smtp_factory,
@@ -156,16 +145,10 @@ class MailService(service.MultiService):
             Service.IMAP: self._imap_factory,
             Service.IMAPS: self._imap_factory,
         }
-        self.ports: dict[Service, Any] = {}
-        if inherited is not None:
-            for sock in inherited:
-                if sock.service in SMTP_SERVICES:
-                    self._listen(sock.service, InheritedEndpoint(reactor, sock.fd, sock.family), make_smtp(sock.service))
-        else:
-            for kind, make in factories.items():
-                description = getattr(config.listen, kind.value)
-                if description:
-                    self._listen(kind, endpoints.serverFromString(reactor, description), make(kind))
+        for kind, make in factories.items():
+            description = getattr(config.listen, kind.value)
+            if description:
+                self._listen(kind, description, make(kind))
 
     @property
     def factories(self) -> list[Any]:
@@ -220,8 +203,8 @@ class MailService(service.MultiService):
                      "hard limit (e.g. systemd LimitNOFILE=) or lower max_connections",
                      new=new, spare=SPARE_FDS, wanted=wanted)
 
-    def _listen(self, kind: Service, endpoint: Any, factory: ServerFactory) -> ServerFactory:
-        endpoint = _Recorded(direct_write(endpoint), self.ports, kind)
+    def _listen(self, kind: Service, description: str, factory: ServerFactory) -> ServerFactory:
+        endpoint = direct_write(endpoints.serverFromString(self.reactor, description))
         if kind.implicit_tls:  # RFC 8314: TLS from the first byte
             endpoint = endpoints.wrapServerTLS(self.tls, endpoint)
         svc = StreamServerEndpointService(endpoint, factory)
@@ -232,34 +215,11 @@ class MailService(service.MultiService):
         return factory
 
     def _queued(self, entry: QueueEntry) -> None:
-        if self.relay is not None:
-            self.relay.enqueue(entry)
-        elif self.channel is not None:
-            self.channel.send(b"Q", entry.to_json())
+        self.relay.enqueue(entry)
 
     def _delivered(self, mailboxes: tuple[LocalRecipient, ...]) -> None:
-        if self.channel is not None:
-            self.channel.send(b"D", json.dumps([[m.domain, m.local] for m in mailboxes]).encode())
-        self._notify_readers((m.domain, m.local) for m in mailboxes)
-
-    def _notify_readers(self, mailboxes: Iterable[tuple[str, str]]) -> None:
         mail_root = self.config.data_dir / "mail"
-        self.watch.notify(mail_root / domain / local for domain, local in mailboxes)
-
-    def _worker_queued(self, record: bytes) -> None:
-        assert self.relay is not None
-        self.relay.enqueue(QueueEntry.from_json(record))
-
-    def _start_workers(self, _: object) -> None:
-        """The SMTP workers, once the queue is loaded and the old spill files are gone."""
-        count = int(os.environ.get("MX_SMTP_WORKERS", "1"))
-        sockets = [Inherited(kind, port.fileno(), family_of(port.fileno()))
-                   for kind, port in self.ports.items() if kind in SMTP_SERVICES]
-        if count <= 1 or not sockets or not self.running:
-            return
-        source = str(self.config.source) if self.config.source is not None else None
-        self.workers = WorkerPool(self.reactor, count, source, sockets, self._worker_queued, self._notify_readers)
-        self.workers.start()
+        self.watch.notify(mail_root / m.domain / m.local for m in mailboxes)
 
     def _sweep_tmp(self) -> Deferred[None]:
         """Stale files in every mailbox's tmp/ (older than 36 hours), in the disk pool."""
@@ -356,21 +316,15 @@ class MailService(service.MultiService):
         self.read_pool.start()
         self.mailauth_pool.start()
         self.keys_refresh.start(KEY_REFRESH, now=True)
-        self.users_refresh.start(UserDB.RECHECK_INTERVAL, now=False)
-        if self.relay is None:  # an SMTP worker: the main process does the rest
-            super().startService()
-            return
         # Messages half-received when the last run stopped: nobody was told 250 for them.
-        spilled = deferToThreadPool(self.reactor, self.pool, remove_spilled, self.delivery.spill_dir)
+        deferToThreadPool(self.reactor, self.pool, remove_spilled, self.delivery.spill_dir)
         self.relay.startService()
+        self.users_refresh.start(UserDB.RECHECK_INTERVAL, now=False)
         self.tmp_sweep.start(TMP_SWEEP_INTERVAL, now=True)
         super().startService()
         # `mx queue delete` only once the relay has loaded the queue: never racing the load.
         assert self.relay.loaded is not None
         self.relay.loaded.addBoth(self._start_control)
-        both = defer.gatherResults([spilled, self.relay.loaded], consumeErrors=True)
-        both.addCallback(self._start_workers)
-        both.addErrback(lambda f: log.failure("could not start the SMTP workers", f))
         log.info(
             "mx started: hostname={hostname} data_dir={data_dir} local_domains={domains} listening={listening}",
             hostname=self.config.hostname,
@@ -391,8 +345,7 @@ class MailService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[override]
-        # 1. stop accepting new connections (the workers drain as the main process does)
-        workers = self.workers.stop() if self.workers is not None else defer.succeed(None)
+        # 1. stop accepting new connections
         yield defer.DeferredList([defer.maybeDeferred(s.stopService) for s in self.listeners])
         # 2. drain every service through the registry: in-flight commits finish, idle
         #    connections get 421 (BYE, -ERR), the rest are cut after the grace time
@@ -403,11 +356,9 @@ class MailService(service.MultiService):
         if self._control_notifier is not None:
             self._control_notifier.loseConnection()
             self._control_notifier = None
-        yield workers
         # 3. the relay: running attempts get a few seconds, then are cut (intent is recorded,
         #    so a cut transaction is simply sent again after the restart)
-        if self.relay is not None:
-            yield self.relay.stopService()
+        yield self.relay.stopService()
         service.Service.stopService(self)
         self.watch.stop()
         # 4. the thread pools last (they join their threads; nothing is pending any more)
@@ -418,24 +369,6 @@ class MailService(service.MultiService):
         log.info("mx stopped")
 
 
-@implementer(IStreamServerEndpoint)
-class _Recorded:
-    """An endpoint that keeps the port it listened on in `ports` (the SMTP workers inherit
-    the main process's listening sockets)."""
-
-    def __init__(self, endpoint: Any, ports: dict[Service, Any], kind: Service) -> None:
-        self._endpoint = endpoint
-        self._ports = ports
-        self._kind = kind
-
-    def listen(self, factory: ServerFactory) -> Deferred[Any]:
-        def keep(port: Any) -> Any:
-            self._ports[self._kind] = port
-            return port
-
-        return self._endpoint.listen(factory).addCallback(keep)
-
-
 def load_config(path: str | None) -> Config:
     try:
         return configmod.load(Path(path) if path else configmod.default_path())
@@ -443,12 +376,12 @@ def load_config(path: str | None) -> Config:
         raise SystemExit(f"mx: {e}") from None
 
 
-def build(config: Config, reactor: Any = None, **options: Any) -> MailService:
+def build(config: Config, reactor: Any = None, **relay_options: Any) -> MailService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return MailService(config, reactor, **options)
+    return MailService(config, reactor, **relay_options)
 
 
 def _reload_tls_on_sighup(mail: MailService) -> None:
