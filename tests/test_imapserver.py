@@ -536,6 +536,56 @@ class MoreCommandsTests(IMAPCase):
         await self.thread(run)
 
 
+class QuietFolderTests(IMAPCase):
+    """While inotify reports the selected folder unchanged, a command makes no refresh trip;
+    a change by another program is still seen at the very next command."""
+
+    async def test_noop_refreshes_only_after_a_change(self) -> None:
+        from mx.imap import tasks
+
+        refreshes: list[int] = []
+        real = tasks.refresh
+
+        def counting(folder: Any) -> Any:
+            refreshes.append(1)
+            return real(folder)
+
+        self.patch(tasks, "refresh", counting)
+        await self.start()
+        await self.deliver(message("one"))
+        root = maildir(self.config, "alice")
+
+        def run() -> tuple[list[int], list[Any], list[Any]]:
+            c = self.imap()
+            ok(c.select("INBOX"))
+            counts = []
+            for _ in range(4):
+                ok(c.noop())
+                counts.append(len(refreshes))
+            # Another program delivers (tmp/ then new/), and the client asks at once.
+            (root / "tmp" / "1.M1P1.other").write_bytes(b"Subject: two\r\n\r\nbody\r\n")
+            os.rename(root / "tmp" / "1.M1P1.other", root / "new" / "1.M1P1.other")
+            c.untagged_responses.clear()
+            ok(c.noop())
+            seen = c.untagged_responses.get("EXISTS", [])
+            counts.append(len(refreshes))
+            # ... and another renames a message (a flag set elsewhere).
+            cur = next(p for p in (root / "cur").iterdir())
+            os.rename(cur, cur.with_name(cur.name.split(":")[0] + ":2,F"))
+            c.untagged_responses.clear()
+            ok(c.noop())
+            flagged = c.untagged_responses.get("FETCH", [])
+            counts.append(len(refreshes))
+            c.logout()
+            return counts, seen, flagged
+
+        counts, seen, flagged = await self.thread(run)
+        self.assertEqual(counts[:4], [counts[0]] * 4, "no refresh while the folder is quiet")
+        self.assertEqual(seen, [b"2"])
+        self.assertGreater(counts[4], counts[3])
+        self.assertTrue(any(b"\\Flagged" in x for x in flagged if x), flagged)
+
+
 class BatchedFetchTests(IMAPCase):
     """A FETCH spans several read-pool trips, the next one read while the last is sent."""
 

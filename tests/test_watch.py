@@ -83,6 +83,129 @@ class InotifyTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
+class ReaderTests(TestCase):
+    """mx.watch's own inotify reader: a burst is read at once, in whole, per watch."""
+
+    def setUp(self) -> None:
+        if watchmod._inotify is None:
+            self.skipTest("no inotify on this platform")
+        self.watch = FolderWatch(reactor)
+        self.addCleanup(self.watch.stop)
+
+    def test_a_burst_of_thousands_of_events_is_one_step_per_read(self) -> None:
+        box = maildir(self)
+        for i in range(1500):
+            (box / "new" / f"m{i:04d}-with-a-name-as-long-as-a-maildir-file-name").write_bytes(b"")
+        hold = self.watch.hold(box)
+        first = hold.generation()
+        for name in os.listdir(box / "new"):  # 3,000 events: a session's own STORE 1:1500
+            os.rename(box / "new" / name, box / "cur" / (name + ":2,S"))
+        after = hold.generation()  # the whole queue (over 200 KiB) drained in this one call
+        self.assertIsNotNone(after)
+        assert first is not None and after is not None
+        self.assertGreaterEqual(after - first, 1)
+        self.assertLessEqual(after - first, 2 * 8, "one step per watch per 64 KiB read, not one per event")
+        self.assertEqual(hold.generation(), after, "nothing left in the queue")
+
+    async def test_the_reactor_reads_only_for_subscribers(self) -> None:
+        box = maildir(self)
+        hold = self.watch.hold(box)
+        first = hold.generation()
+        notifier = self.watch._notifier
+        self.assertNotIn(notifier, reactor.getReaders(), "a hold alone needs no reactor reads")
+        (box / "new" / "m").write_bytes(b"x")
+        await deferLater(reactor, 0.05)
+        self.assertNotEqual(hold.generation(), first, "the queue is read when the count is asked for")
+        calls: list[int] = []
+        sub = self.watch.subscribe(box, lambda: calls.append(1))
+        self.assertIn(notifier, reactor.getReaders())
+        (box / "new" / "m2").write_bytes(b"x")
+        for _ in range(200):  # bounded: 2 s
+            if calls:
+                break
+            await deferLater(reactor, 0.01)
+        self.assertTrue(calls, "a subscriber is called without anyone asking")
+        sub.cancel()
+        self.assertNotIn(notifier, reactor.getReaders())
+        hold.cancel()
+
+    def test_a_full_kernel_queue_counts_as_a_change_everywhere(self) -> None:
+        a, b = maildir(self), maildir(self)
+        ha, hb = self.watch.hold(a), self.watch.hold(b)
+        ga, gb = ha.generation(), hb.generation()
+        assert ga is not None and gb is not None
+        notifier = self.watch._notifier
+        overflow = watchmod._EVENT.pack(-1, watchmod._inotify.IN_Q_OVERFLOW, 0, 0)
+        real_read = os.read
+        fed = [overflow]
+
+        def read(fd: int, n: int) -> bytes:
+            if fd == notifier._fd and fed:
+                return fed.pop()
+            return real_read(fd, n)
+
+        self.patch(watchmod.os, "read", read)
+        notifier.doRead()
+        self.assertGreater(ha.generation(), ga)
+        self.assertGreater(hb.generation(), gb)
+
+    def test_a_deleted_folder_leaves_the_other_watches_working(self) -> None:
+        gone, kept = maildir(self), maildir(self)
+        h_gone, h_kept = self.watch.hold(gone), self.watch.hold(kept)
+        before = h_kept.generation()
+        for sub in ("cur", "new", "tmp"):
+            os.rmdir(gone / sub)
+        os.rmdir(gone)
+        h_gone.generation()  # reads the deletion (IN_DELETE_SELF, IN_IGNORED)
+        (kept / "new" / "m").write_bytes(b"x")
+        self.assertNotEqual(h_kept.generation(), before)
+        h_gone.cancel()  # the kernel's watches are gone already: no error
+        self.assertEqual(self.watch.watched(), 1)
+
+
+class HoldTests(TestCase):
+    """A Hold counts a folder's changes without a callback, reading inotify's queue at once."""
+
+    def setUp(self) -> None:
+        self.watch = FolderWatch(reactor)
+        self.addCleanup(self.watch.stop)
+
+    def test_generation_moves_with_changes_only_and_at_once(self) -> None:
+        box = maildir(self)
+        hold = self.watch.hold(box)
+        first = hold.generation()
+        self.assertIsNotNone(first)
+        self.assertEqual(hold.generation(), first)  # nothing happened
+        (box / "tmp" / "m").write_bytes(b"x")
+        os.rename(box / "tmp" / "m", box / "new" / "m")  # as another program delivers
+        after_new = hold.generation()  # no reactor turn in between: read from the queue now
+        self.assertNotEqual(after_new, first)
+        os.rename(box / "new" / "m", box / "cur" / "m:2,S")
+        after_flag = hold.generation()
+        self.assertNotEqual(after_flag, after_new)
+        (box / "dovecot-uidlist.tmp").write_text("3 V1 N1\n")
+        os.rename(box / "dovecot-uidlist.tmp", box / "dovecot-uidlist")  # the list replaced
+        self.assertNotEqual(hold.generation(), after_flag)
+
+    def test_no_callback_and_the_watch_goes_with_the_last_holder(self) -> None:
+        box = maildir(self)
+        calls: list[int] = []
+        sub = self.watch.subscribe(box, lambda: calls.append(1))
+        hold = self.watch.hold(box)
+        self.assertEqual(self.watch.watched(), 1)
+        sub.cancel()
+        self.assertEqual(self.watch.watched(), 1)  # still held
+        hold.cancel()
+        self.assertEqual(self.watch.watched(), 0)
+        self.assertIsNone(hold.generation())
+
+    def test_polled_folders_have_no_generation(self) -> None:
+        watch = FolderWatch(Clock(), poll=True)
+        self.addCleanup(watch.stop)
+        hold = watch.hold(maildir(self))
+        self.assertIsNone(hold.generation())
+
+
 class PollingTests(TestCase):
     def test_polling_sees_changes_and_stops_with_the_last_reader(self) -> None:
         clock = Clock()

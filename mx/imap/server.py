@@ -152,6 +152,9 @@ class IMAPServerProtocol(Protocol, TimeoutMixin):
     def watch(self, folder: Path, callback: Callable[[], None]) -> Any:
         return self.factory.watch.subscribe(folder, callback)
 
+    def hold(self, folder: Path) -> Any:
+        return self.factory.watch.hold(folder)
+
     # -- connection ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
