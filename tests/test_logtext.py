@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,17 +12,19 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import (
-    FileLogObserver,
     LogLevel,
     formatEventAsClassicLogText,
     formatTime,
     timeFormatRFC3339,
 )
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mx import logtext
-from mx.logtext import ClassicLogText
+from mx.logtext import ClassicLogText, CoalescedFileLogObserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,17 +92,17 @@ class TwistdWiringTests(SynchronousTestCase):
             path = os.path.join(d, "mx.log")
             logtext.use_with({"logfile": path, "nodaemon": True})
             obs = logtext.twistd_observer()
-            self.assertIsInstance(obs, FileLogObserver)
+            self.assertIsInstance(obs, CoalescedFileLogObserver)
             obs({"log_format": "hello {x}", "x": 1, "log_time": time.time(),
                  "log_namespace": "t", "log_level": LogLevel.info})
-            obs._outFile.flush()  # noqa: SLF001 - the LogFile twistd opened
+            obs.flush()
             with open(path) as f:
                 self.assertIn("[t#info] hello 1\n", f.read())
 
     def test_stdout_under_nodaemon(self) -> None:
         logtext.use_with({"logfile": None, "nodaemon": True})
         obs = logtext.twistd_observer()
-        self.assertIs(obs._outFile, sys.stdout)  # noqa: SLF001
+        self.assertIs(obs.out, sys.stdout)
 
     def test_twistd_uses_it_unless_told_otherwise(self) -> None:
         code = ("import sys\nfrom twisted.scripts.twistd import ServerOptions\n"
@@ -114,3 +117,87 @@ class TwistdWiringTests(SynchronousTestCase):
         self.assertEqual(out.stdout.split(), ["NoneType"], out.stderr)
         out = run("-n", "--logger", "twisted.logger.textFileLogObserver", "mx")
         self.assertEqual(out.stdout.split(), ["function", "twisted.logger._file"], out.stderr)
+
+
+def line_event(n: int) -> dict:
+    return {"log_format": "line {n}", "n": n, "log_time": 1796253044.25, "log_namespace": "t",
+            "log_level": LogLevel.info}
+
+
+class CoalescedTests(TestCase):
+    """One write per batch; nothing lost or reordered (trial runs the reactor)."""
+
+    def setUp(self) -> None:
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        self.path = os.path.join(d, "mx.log")
+        self.out = open(self.path, "wb", buffering=0)  # like twistd's LogFile: bytes, unbuffered
+        self.addCleanup(self.out.close)
+        self.writes = 0
+        real = self.out.write
+
+        def counted(data: bytes) -> int:
+            self.writes += 1
+            return real(data)
+
+        self.out.write = counted  # type: ignore[method-assign]
+        self.obs = CoalescedFileLogObserver(self.out, ClassicLogText())
+
+    def text(self) -> str:
+        with open(self.path, encoding="utf-8") as f:
+            return f.read()
+
+    def numbers(self) -> list[int]:
+        return [int(line.rsplit(" ", 1)[1]) for line in self.text().splitlines()]
+
+    async def turn(self, delay: float = 0.0) -> None:
+        await deferLater(reactor, delay, lambda: None)
+
+    async def test_one_write_per_batch(self) -> None:
+        await self.turn()  # trial calls the test before its reactor runs
+        for n in range(5):
+            self.obs(line_event(n))
+        await self.turn()
+        self.assertEqual(self.text(), "")  # waiting for the timer
+        await self.turn(logtext.FLUSH_DELAY + 0.05)
+        self.assertEqual(self.numbers(), [0, 1, 2, 3, 4])
+        self.assertEqual(self.writes, 1)
+        self.assertIn("[t#info] line 0\n", self.text())
+
+    async def test_other_threads_write_at_once_in_order(self) -> None:
+        await self.turn()
+        self.obs(line_event(1))
+        await deferToThread(self.obs, line_event(2))
+        self.assertEqual(self.numbers(), [1, 2])  # the waiting line first
+        await self.turn(logtext.FLUSH_DELAY + 0.05)
+        self.assertEqual(self.numbers(), [1, 2])
+
+    async def test_bounded(self) -> None:
+        await self.turn()
+        for n in range(logtext.MAX_WAITING + 1):
+            self.obs(line_event(n))
+        self.assertEqual(self.numbers(), list(range(logtext.MAX_WAITING + 1)))
+        self.assertEqual(self.writes, 1)
+
+    def test_flush_and_text_files(self) -> None:
+        self.obs(line_event(7))
+        self.obs.flush()
+        self.assertEqual(self.numbers(), [7])
+        with open(self.path + ".txt", "w", encoding="utf-8") as text_out:
+            obs = CoalescedFileLogObserver(text_out, ClassicLogText())
+            obs({"log_format": "caf\u00e9 {n}", "n": 1, "log_time": 1.0, "log_namespace": "t",
+                 "log_level": LogLevel.info})
+            obs.flush()
+        with open(self.path + ".txt", encoding="utf-8") as f:
+            self.assertTrue(f.read().endswith("caf\u00e9 1\n"))
+
+
+class NotRunningTests(SynchronousTestCase):
+    def test_without_a_running_reactor_at_once(self) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "mx.log")
+            with open(path, "w", encoding="utf-8") as out:
+                obs = CoalescedFileLogObserver(out, ClassicLogText())
+                obs(line_event(3))
+                with open(path, encoding="utf-8") as f:
+                    self.assertTrue(f.read().endswith("line 3\n"))
