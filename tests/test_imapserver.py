@@ -585,6 +585,58 @@ class QuietFolderTests(IMAPCase):
         self.assertGreater(counts[4], counts[3])
         self.assertTrue(any(b"\\Flagged" in x for x in flagged if x), flagged)
 
+    async def test_flag_search_answered_without_a_trip_while_quiet(self) -> None:
+        from mx.imap import tasks
+
+        trips: list[str] = []
+        real = tasks.run_search
+
+        def counting(folder: Any, view: Any, query: Any) -> Any:
+            trips.append("search")
+            return real(folder, view, query)
+
+        self.patch(tasks, "run_search", counting)
+        await self.start()
+        await self.deliver(*(message(f"m{i}") for i in range(4)))
+        root = maildir(self.config, "alice")
+
+        def run() -> tuple[list[Any], list[str], Any, list[str], Any, list[str]]:
+            c = self.imap()
+            ok(c.select("INBOX"))
+            ok(c.store("2", "+FLAGS", "(\\Seen)"))
+            ok(c.store("3", "+FLAGS", "(\\Flagged)"))
+            ok(c.noop())  # our own STORE's changes are in the view
+            quiet = [ok(c.search(None, "UNSEEN")), ok(c.search(None, "SEEN")),
+                     ok(c.search(None, "OR", "FLAGGED", "SEEN")), ok(c.uid("SEARCH", "NOT", "UNSEEN"))]
+            after_quiet = list(trips)
+            # A header search still reads the files, in the disk thread.
+            subject = ok(c.search(None, "SUBJECT", "m3"))
+            after_subject = list(trips)
+            # Another program flags message 1 or 4: the next command is no longer quiet, so its
+            # trip refreshes (after the search, as ever: the change is reported with it), and
+            # the SEARCH after that answers from the refreshed view, again without a trip.
+            cur = sorted((root / "cur").iterdir())
+            first = next(p for p in cur if ":2," in p.name and "F" not in p.name.split(":2,")[1]
+                         and "S" not in p.name.split(":2,")[1])
+            os.rename(first, first.with_name(first.name.split(":")[0] + ":2,F"))
+            c.untagged_responses.clear()
+            ok(c.search(None, "FLAGGED"))
+            told = c.untagged_responses.get("FETCH", [])
+            flagged = ok(c.search(None, "FLAGGED"))
+            c.logout()
+            return quiet, after_quiet, subject, after_subject, (told, flagged), list(trips)
+
+        quiet, after_quiet, subject, after_subject, (told, flagged), trips_at_end = await self.thread(run)
+        self.assertEqual(quiet, [[b"1 3 4"], [b"2"], [b"2 3"], [quiet[3][0]]])
+        self.assertEqual(len(quiet[3][0].split()), 1)  # the UID of message 2
+        self.assertEqual(after_quiet, [], "flag SEARCHes on a quiet folder make no trip")
+        self.assertEqual(subject, [b"4"])
+        self.assertEqual(after_subject, ["search"])
+        self.assertTrue(any(b"\\Flagged" in x for x in told if x), told)
+        self.assertEqual(len(flagged[0].split()), 2, flagged)  # 3, and the one flagged elsewhere
+        self.assertIn(b"3", flagged[0].split())
+        self.assertEqual(trips_at_end, ["search", "search"])
+
 
 class BatchedFetchTests(IMAPCase):
     """A FETCH spans several read-pool trips, the next one read while the last is sent."""

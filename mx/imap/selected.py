@@ -180,6 +180,11 @@ class View:
             self._groups = dict(groups)
         return self._groups
 
+    @property
+    def groups_ready(self) -> bool:
+        """Whether `groups()` is made already (answers without a pass over the messages)."""
+        return self._groups is not None
+
     def first_unseen(self) -> int | None:
         for seq, uid in enumerate(self.uids, 1):
             if "S" not in self.info[uid].flags:

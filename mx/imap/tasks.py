@@ -299,6 +299,16 @@ def _flags_decide(key: search.Key) -> bool:
     return key.name in _FLAG_ONLY and all(_flags_decide(k) for k in key.keys)
 
 
+def flags_decide(query: search.Query) -> bool:
+    """Whether the view's flags (and \\Recent) alone answer `query`: no file, no date."""
+    return _flags_decide(query.key)
+
+
+def search_flags(view: View, query: search.Query) -> list[tuple[int, int]]:
+    """A query `flags_decide` accepts, answered from the view alone (no store call)."""
+    return _search_flags(view, _FlagNames(view), query.test)
+
+
 def run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[int, int]]:
     """(seq, uid) of the messages the query matches, in ascending order."""
     reads = query.need >= search.Need.HEADER and not _flags_decide(query.key)
@@ -336,8 +346,8 @@ def _run_search(folder: Folder, view: View, query: search.Query) -> list[tuple[i
 def _search_flags(view: View, names: _FlagNames, test: Any) -> list[tuple[int, int]]:
     """SEARCH UNSEEN and friends: one answer per distinct flag set (a folder has a handful
     of flag combinations), then the sequence numbers the view keeps per flag set
-    (`View.groups`, made once, by C loops) of the sets that match: no Python step per
-    message; \\Recent (a few messages) is decided right afterwards."""
+    (`View.groups`, made once per flag change, in one pass) of the sets that match;
+    \\Recent (a few messages) is decided right afterwards."""
     uids, recent = view.uids, view.recent
     max_seq, max_uid = len(uids), (uids[-1] if uids else 0)
     answers: dict[tuple[frozenset[str], bool], bool] = {}
