@@ -123,7 +123,11 @@ class CoalescedFileLogObserver:
         self._format = format_event
         self._encoding = None if ioType(out) is str else "utf-8"  # as FileLogObserver decides
         self._waiting: list[Any] = []
-        self._lock = threading.Lock()  # other threads log too
+        # Other threads log too; reentrant because a signal handler (twistd's SIGTERM logs
+        # "Received SIGTERM") can log on this thread while it holds the lock: with a plain
+        # Lock that was a deadlock, the server never stopping.
+        self._lock = threading.RLock()
+        self._writing = False
         self._timer: IDelayedCall | None = None  # the pending flush
         self._hooked = False
         atexit.register(self.flush)
@@ -139,6 +143,8 @@ class CoalescedFileLogObserver:
         in_reactor = reactor is not None and getattr(reactor, "running", False) and isInIOThread()
         with self._lock:
             self._waiting.append(data)
+            if self._writing:
+                return  # logged from a signal handler amid our own write: that write takes it
             if in_reactor and len(self._waiting) <= MAX_WAITING:
                 if self._timer is None:
                     if not self._hooked:
@@ -160,10 +166,16 @@ class CoalescedFileLogObserver:
             self._write_waiting()
 
     def _write_waiting(self) -> None:
-        if self._waiting:
-            lines, self._waiting = self._waiting, []
-            self.out.write(lines[0][:0].join(lines))
-            self.out.flush()
+        if self._writing:
+            return  # re-entered from a signal handler: the loop below writes what it adds
+        self._writing = True
+        try:
+            while self._waiting:
+                lines, self._waiting = self._waiting, []
+                self.out.write(lines[0][:0].join(lines))
+                self.out.flush()
+        finally:
+            self._writing = False
 
 
 def twistd_observer() -> ILogObserver:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from hypothesis import given, settings
@@ -190,6 +192,34 @@ class CoalescedTests(TestCase):
             obs.flush()
         with open(self.path + ".txt", encoding="utf-8") as f:
             self.assertTrue(f.read().endswith("caf\u00e9 1\n"))
+
+
+class ReentryTests(SynchronousTestCase):
+    """A signal handler can log on the thread that is writing (twistd's SIGTERM does)."""
+
+    def test_logging_from_inside_a_write_neither_hangs_nor_reorders(self) -> None:
+        written: list[str] = []
+
+        class Out:
+            def __init__(self) -> None:
+                self.entered = False
+
+            def write(self, text: str) -> None:
+                if not self.entered:  # a "signal handler" logging amid the write
+                    self.entered = True
+                    obs(line_event(2))
+                written.append(text)
+
+            def flush(self) -> None:
+                pass
+
+        obs = CoalescedFileLogObserver(Out(), ClassicLogText())
+        atexit.unregister(obs.flush)  # a deadlocked observer would hang the exit, not fail
+        t = threading.Thread(target=obs, args=(line_event(1),), daemon=True)
+        t.start()
+        t.join(10)
+        self.assertFalse(t.is_alive(), "the observer deadlocked on its own lock")
+        self.assertEqual([int(x.rsplit(" ", 1)[1]) for x in "".join(written).splitlines()], [1, 2])
 
 
 class NotRunningTests(SynchronousTestCase):
