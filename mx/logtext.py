@@ -152,17 +152,15 @@ class CoalescedFileLogObserver:
                         reactor.addSystemEventTrigger("after", "shutdown", self.flush)
                     self._timer = reactor.callLater(FLUSH_DELAY, self.flush)
                 return
-            self._write_waiting()
-            if in_reactor and self._timer is not None:
-                self._timer.cancel()  # (only the reactor's thread touches the timer)
-                self._timer = None
+            self.flush()  # now: another thread, no reactor running, or the batch is full
 
     def flush(self) -> None:
         """Write every waiting line now (the timer's call, shutdown, exit)."""
         with self._lock:
             timer, self._timer = self._timer, None
             if timer is not None and timer.active() and isInIOThread():
-                timer.cancel()
+                timer.cancel()  # (only the reactor's thread touches a timer; elsewhere it
+                # stays and later finds nothing to write)
             self._write_waiting()
 
     def _write_waiting(self) -> None:
